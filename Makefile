@@ -1,0 +1,42 @@
+# Fresh-machine set-up, tests and demo. Every target is idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mcn-setup
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WORKSPACE ?= workspace/demo
+
+.PHONY: setup system-packages test test-all demo bench clean
+
+setup: $(STAMP)
+
+system-packages:
+	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null || ! command -v espeak-ng >/dev/null; then \
+		echo "installing ffmpeg and espeak-ng with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt tools/cpu_cuda_stub.py | system-packages
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python tools/cpu_cuda_stub.py
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m ''
+
+demo: setup
+	$(BIN)/mcn demo --workspace $(WORKSPACE)
+
+bench: setup
+	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) workspace .pytest_cache
