@@ -1,0 +1,72 @@
+import itertools
+
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.configtools import apply_overrides, from_dict, to_dict
+from pipeline.ids import path_of_id, video_id
+from pipeline.ranks import owns, rank_and_world
+
+
+@pytest.mark.parametrize(
+    "rel, expected",
+    [
+        ("a.mp4", "a"),
+        ("cooking/a.mp4", "cooking--a"),
+        ("a-b.mp4", "a-2db"),
+        ("My clip.v2.mp4", "My-20clip-2ev2"),
+        ("dir/sub/x_y.mkv", "dir--sub--x_y"),
+        ("é.mp4", "-c3-a9"),
+    ],
+)
+def test_video_id_examples(rel, expected):
+    vid = video_id(rel)
+    assert vid == expected
+    assert "." not in vid and "/" not in vid and " " not in vid
+    assert path_of_id(vid) == rel.rsplit(".", 1)[0]
+
+
+def test_video_ids_never_collide():
+    names = ["a", "b", "a-b", "a/b", "a--b", "a_b", "a b", "a.b", "-", "--", "a/-b", "a-/b", "ü", "a/b/c", "a--b/c"]
+    paths = [f"{n}.mp4" for n in names] + [f"x/{n}.mp4" for n in names]
+    ids = [video_id(p) for p in paths]
+    assert len(set(ids)) == len(ids)
+    for p, i in zip(paths, ids):
+        assert path_of_id(i) == p[: -len(".mp4")]
+
+
+def test_overrides_and_types(tmp_path):
+    preset = tmp_path / "c.yaml"
+    preset.write_text("scan:\n  shard_size: 8\n  extensions: [.mp4]\n")
+    cfg = load_config(preset, ["scan.probe_workers=3", "scan.captions_file=caps.json", "scan.probe_timeout_s=5"])
+    assert cfg.scan.shard_size == 8
+    assert cfg.scan.extensions == [".mp4"]
+    assert cfg.scan.probe_workers == 3
+    assert cfg.scan.captions_file == "caps.json"
+    assert cfg.scan.probe_timeout_s == 5.0 and isinstance(cfg.scan.probe_timeout_s, float)
+    assert to_dict(from_dict(Config, to_dict(cfg))) == to_dict(cfg)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="scan.shard_sise"):
+        load_config(None, ["scan.shard_sise=3"])
+    with pytest.raises(ConfigError, match="scan.shard_size: expected an integer"):
+        load_config(None, ["scan.shard_size=many"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["scan.shard_size"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scan: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_rank_from_env_and_partition():
+    assert rank_and_world({}) == (0, 1)
+    assert rank_and_world({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert rank_and_world({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == (3, 4)
+    with pytest.raises(ValueError):
+        rank_and_world({"RANK": "2", "WORLD_SIZE": "2"})
+    for world in (1, 2, 3, 5):
+        for i in range(50):
+            assert sum(owns(i, r, world) for r in range(world)) == 1
+    assert list(itertools.compress(range(6), [owns(i, 1, 2) for i in range(6)])) == [1, 3, 5]
