@@ -1,0 +1,171 @@
+"""The feature-extractor contract and the registry of extractors by name.
+
+An extractor is a class with a name, a field (``video2d``, ``video3d``, ``audio`` or ``text``), a
+``version`` (bumped whenever its outputs change), a config dataclass ``Config``, and, once built,
+``dim`` (width of an output row), ``rate`` (rows per second of media, None for text),
+``weights_id`` (sha256 of the weights file, ``random-init-seed<N>``, or ``none``) and
+``random_weights``. Calling it runs it on a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FIELDS",
+    "FeatureExtractor",
+    "VisualConfig",
+    "as_uint8_tensor",
+    "autocast_context",
+    "available",
+    "create",
+    "get_extractor",
+    "register",
+    "resolve_device",
+]
+
+FIELDS: tuple[str, ...] = ("video2d", "video3d", "audio", "text")
+
+
+class FeatureExtractor(ABC):
+    """Base class of all extractors (see the module docstring for the attributes)."""
+
+    name: ClassVar[str]
+    field: ClassVar[str]
+    version: ClassVar[str]
+    Config: ClassVar[type]
+
+    dim: int
+    rate: float | None
+    weights_id: str = "none"
+    random_weights: bool = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @abstractmethod
+    def __call__(self, batch: Any) -> Any:
+        """Run the extractor on a batch (types and shapes are given by each subclass)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata recorded next to the features: extractor, version, weights, random_weights, rate, dim."""
+        return {
+            "extractor": self.name,
+            "version": self.version,
+            "weights": self.weights_id,
+            "random_weights": self.random_weights,
+            "rate": self.rate,
+            "dim": self.dim,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, field={self.field!r}, version={self.version!r}, "
+            f"dim={self.dim}, rate={self.rate}, weights={self.weights_id!r})"
+        )
+
+
+_REGISTRY: dict[str, type[FeatureExtractor]] = {}
+
+E = TypeVar("E", bound=type[FeatureExtractor])
+
+
+def register(cls: E) -> E:
+    """Class decorator: add an extractor class to the registry under ``cls.name``."""
+    for attr in ("name", "field", "version", "Config"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} lacks the class attribute {attr!r}")
+    if cls.field not in FIELDS:
+        raise ValueError(f"{cls.__name__}.field = {cls.field!r}, expected one of {FIELDS}")
+    if not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"extractor name {cls.name!r} already registered by {existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_extractor(name: str) -> type[FeatureExtractor]:
+    """The extractor class registered under ``name``; KeyError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown extractor {name!r}; available: {', '.join(available()) or 'none'}") from None
+
+
+def available(field: str | None = None) -> list[str]:
+    """Sorted names of the registered extractors, optionally only those of one field."""
+    if field is not None and field not in FIELDS:
+        raise ValueError(f"unknown field {field!r}, expected one of {FIELDS}")
+    return sorted(n for n, c in _REGISTRY.items() if field is None or c.field == field)
+
+
+def create(name: str, config: Any = None) -> FeatureExtractor:
+    """Build the extractor ``name`` from its ``Config`` instance, a mapping of its fields, or None
+    (defaults). Unknown keys in a mapping raise TypeError naming them."""
+    cls = get_extractor(name)
+    if config is None:
+        config = cls.Config()
+    elif isinstance(config, Mapping):
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise TypeError(f"{name}: unknown config keys {unknown}; known: {sorted(known)}")
+        config = cls.Config(**config)
+    elif not isinstance(config, cls.Config):
+        raise TypeError(f"{name}: config must be {cls.Config.__qualname__}, a mapping or None, not {type(config)}")
+    return cls(config)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclasses.dataclass
+class VisualConfig:
+    """Fields common to the visual extractors.
+
+    weights: explicit weights file (or folder holding the default file name); None searches
+        ``$TORCH_HOME/hub/checkpoints``.
+    allow_random_weights: use seeded random weights when no file is found (smoke tests, CI).
+    seed: seed of the random init.
+    device: ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``...
+    batch_size: images or windows per forward pass.
+    amp: on CUDA, run under bf16 autocast (ignored on CPU, which always computes in float32).
+    """
+
+    weights: str | None = None
+    allow_random_weights: bool = False
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    amp: bool = True
+
+
+def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when ``amp``; a no-op context otherwise (CPU computes in float32)."""
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def as_uint8_tensor(x: Any, ndim: int, what: str) -> torch.Tensor:
+    """Accept a torch tensor or numpy array of dtype uint8 with ``ndim`` dims and channels last (3)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.dtype != torch.uint8 or t.ndim != ndim or t.shape[-1] != 3:
+        raise ValueError(f"{what}: expected uint8 with {ndim} dims and 3 channels last, got {t.dtype} {tuple(t.shape)}")
+    return t

@@ -1,0 +1,118 @@
+"""2D appearance features: torchvision ResNet-152 (ImageNet) trunk, global average pool, 2048-d.
+
+Input frames come from the decoder at 1 fps, shorter side resized to 224 (no crop, any aspect).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .base import (
+    FeatureExtractor,
+    VisualConfig,
+    as_uint8_tensor,
+    autocast_context,
+    register,
+    resolve_device,
+)
+from .weights import load_state_dict_file, resolve_weights, seeded
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ResNet152Config", "ResNet152Extractor", "resnet152_trunk"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def resnet152_trunk() -> nn.Module:
+    """torchvision ResNet-152 with ``fc`` replaced by Identity: (B, 3, H, W) → (B, 2048).
+
+    Its state-dict keys are exactly torchvision's ``resnet152`` keys minus ``fc.*``. Randomly
+    initialised (torchvision's init); seed the RNG around the call for reproducible weights.
+    """
+    model = torchvision.models.resnet152(weights=None)
+    model.fc = nn.Identity()
+    return model
+
+
+@dataclass
+class ResNet152Config(VisualConfig):
+    """See ``VisualConfig``; ``batch_size`` = frames per forward pass."""
+
+    batch_size: int = 64
+
+
+@register
+class ResNet152Extractor(FeatureExtractor):
+    """``resnet152_2d``: frames uint8 (N, H, W, 3) RGB → float32 (N, 2048) rows L2-normalised.
+
+    One row per input frame (1 fps → rate 1.0). Frames are scaled to 0–1 and normalised with the
+    ImageNet mean/std; the trunk's global average pool handles any H, W.
+    """
+
+    name: ClassVar[str] = "resnet152_2d"
+    field: ClassVar[str] = "video2d"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = ResNet152Config
+    WEIGHTS_FILENAME: ClassVar[str] = "resnet152-394f9c45.pth"
+    WEIGHTS_URL: ClassVar[str] = "https://download.pytorch.org/models/resnet152-394f9c45.pth"
+
+    dim = 2048
+    rate = 1.0
+
+    def __init__(self, config: ResNet152Config) -> None:
+        super().__init__(config)
+        if config.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        self.device = resolve_device(config.device)
+        ref = resolve_weights(
+            config.weights,
+            self.WEIGHTS_FILENAME,
+            allow_random=config.allow_random_weights,
+            seed=config.seed,
+            what=f"{self.name} (torchvision ResNet-152, ImageNet IMAGENET1K_V1)",
+            hint=f"It is torchvision's IMAGENET1K_V1 file, downloadable from {self.WEIGHTS_URL}",
+        )
+        self.weights_id = ref.identity
+        self.random_weights = ref.random
+        with seeded(config.seed):
+            model = resnet152_trunk()
+        if ref.path is not None:
+            state = {k: v for k, v in load_state_dict_file(ref.path).items() if not k.startswith("fc.")}
+            model.load_state_dict(state, strict=True)
+            logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
+        model.eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            model = model.to(self.device, memory_format=torch.channels_last)
+        self.model = model
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) → float32 (B, 3, H, W) on the device, ImageNet-normalised."""
+        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self._mean) / self._std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, frames: Any) -> torch.Tensor:
+        """frames: uint8 (N, H, W, 3) torch tensor or numpy array → float32 (N, 2048) on the CPU."""
+        frames = as_uint8_tensor(frames, 4, self.name)
+        out = torch.empty(frames.shape[0], self.dim, dtype=torch.float32)
+        bs = self.config.batch_size
+        for i in range(0, frames.shape[0], bs):
+            x = self.preprocess(frames[i : i + bs])
+            with autocast_context(self.device, self.config.amp):
+                y = self.model(x)
+            out[i : i + bs] = F.normalize(y.float(), dim=1).cpu()
+        return out

@@ -1,0 +1,227 @@
+"""3D motion features: K. Hara's 3D-ResNets-PyTorch ResNeXt-101 (Kinetics), pooled 2048-d.
+
+Architecture (cardinality 32, shortcut B, layers [3, 4, 23, 3], 16×112×112 input), with module
+names such that the public checkpoint ``resnext-101-kinetics.pth`` (``{"state_dict": {"module.…"}}``,
+fc included) loads after stripping the ``module.`` prefix, strictly.
+
+Input windows come from the decoder: 24 fps, shorter side 112, centre crop 112×112, cut into
+non-overlapping 16-frame windows (``windows_from_frames``) → 1.5 rows per second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (
+    FeatureExtractor,
+    VisualConfig,
+    as_uint8_tensor,
+    autocast_context,
+    register,
+    resolve_device,
+)
+from .weights import load_state_dict_file, resolve_weights, seeded
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KINETICS_MEAN",
+    "ResNeXt3D",
+    "ResNeXt101Config",
+    "ResNeXt101Extractor",
+    "ResNeXtBottleneck",
+    "resnext101_3d",
+    "windows_from_frames",
+]
+
+WINDOW = 16
+SIZE = 112
+KINETICS_MEAN: tuple[float, float, float] = (110.6, 103.2, 96.3)
+
+
+class ResNeXtBottleneck(nn.Module):
+    """Hara's ResNeXt bottleneck: 1×1×1 → grouped 3×3×3 (stride) → 1×1×1, expansion 2."""
+
+    expansion = 2
+
+    def __init__(
+        self, inplanes: int, planes: int, cardinality: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        mid = cardinality * (planes // 32)
+        self.conv1 = nn.Conv3d(inplanes, mid, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(mid)
+        self.conv2 = nn.Conv3d(mid, mid, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm3d(mid)
+        self.conv3 = nn.Conv3d(mid, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+class ResNeXt3D(nn.Module):
+    """Hara's ResNeXt (shortcut type B) for (B, 3, 16, 112, 112) clips.
+
+    ``forward_features`` → (B, 2048) pooled vector; ``forward`` → (B, num_classes) logits.
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, int, int, int] = (3, 4, 23, 3),
+        cardinality: int = 32,
+        num_classes: int = 400,
+        sample_size: int = SIZE,
+        sample_duration: int = WINDOW,
+    ) -> None:
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv3d(3, 64, kernel_size=7, stride=(1, 2, 2), padding=(3, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(128, layers[0], cardinality, stride=1)
+        self.layer2 = self._make_layer(256, layers[1], cardinality, stride=2)
+        self.layer3 = self._make_layer(512, layers[2], cardinality, stride=2)
+        self.layer4 = self._make_layer(1024, layers[3], cardinality, stride=2)
+        last_duration = math.ceil(sample_duration / 16)
+        last_size = math.ceil(sample_size / 32)
+        self.avgpool = nn.AvgPool3d((last_duration, last_size, last_size), stride=1)
+        self.fc = nn.Linear(cardinality * 32 * ResNeXtBottleneck.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes: int, blocks: int, cardinality: int, stride: int) -> nn.Sequential:
+        out_planes = planes * ResNeXtBottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_planes:
+            downsample = nn.Sequential(
+                nn.Conv3d(self.inplanes, out_planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm3d(out_planes),
+            )
+        layers = [ResNeXtBottleneck(self.inplanes, planes, cardinality, stride, downsample)]
+        self.inplanes = out_planes
+        layers += [ResNeXtBottleneck(self.inplanes, planes, cardinality) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 16, 112, 112) float → (B, 2048) pooled features (before fc)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def resnext101_3d() -> ResNeXt3D:
+    """Hara's ResNeXt-101 (32 groups, shortcut B, 400 Kinetics classes), randomly initialised."""
+    return ResNeXt3D((3, 4, 23, 3), cardinality=32, num_classes=400)
+
+
+A = TypeVar("A", torch.Tensor, np.ndarray)
+
+
+def windows_from_frames(frames: A, window: int = WINDOW) -> A:
+    """(F, H, W, 3) frames → (F // window, window, H, W, 3) non-overlapping windows (a view).
+
+    The incomplete tail (F % window frames) is dropped; F < window gives (0, window, H, W, 3).
+    (The reference extractor instead zero-padded the tail to a full window.)
+    """
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (F, H, W, C), got shape {tuple(frames.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    n = frames.shape[0] // window
+    return frames[: n * window].reshape(n, window, *frames.shape[1:])
+
+
+@dataclass
+class ResNeXt101Config(VisualConfig):
+    """See ``VisualConfig``; ``batch_size`` = 16-frame windows per forward pass."""
+
+    batch_size: int = 16
+
+
+@register
+class ResNeXt101Extractor(FeatureExtractor):
+    """``resnext101_3d``: windows uint8 (W, 16, 112, 112, 3) RGB → float32 (W, 2048) rows L2-normalised.
+
+    Each window is converted to (3, 16, 112, 112) on the 0–255 scale minus the Kinetics mean
+    [110.6, 103.2, 96.3] (std 1), run through the trunk and average-pooled (before fc).
+    """
+
+    name: ClassVar[str] = "resnext101_3d"
+    field: ClassVar[str] = "video3d"
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type] = ResNeXt101Config
+    WEIGHTS_FILENAME: ClassVar[str] = "resnext-101-kinetics.pth"
+
+    dim = 2048
+    rate = 24.0 / WINDOW  # 1.5 windows per second at 24 fps
+
+    def __init__(self, config: ResNeXt101Config) -> None:
+        super().__init__(config)
+        if config.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        self.device = resolve_device(config.device)
+        ref = resolve_weights(
+            config.weights,
+            self.WEIGHTS_FILENAME,
+            allow_random=config.allow_random_weights,
+            seed=config.seed,
+            what=f"{self.name} (Hara 3D-ResNets-PyTorch ResNeXt-101, Kinetics)",
+            hint="It is the public Kinetics checkpoint of github.com/kenshohara/3D-ResNets-PyTorch.",
+        )
+        self.weights_id = ref.identity
+        self.random_weights = ref.random
+        with seeded(config.seed):
+            model = resnext101_3d()
+        if ref.path is not None:
+            model.load_state_dict(load_state_dict_file(ref.path), strict=True)
+            logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
+        model.eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            model = model.to(self.device, memory_format=torch.channels_last_3d)
+        self.model = model
+        self._mean = torch.tensor(KINETICS_MEAN, device=self.device).view(1, 3, 1, 1, 1)
+
+    def preprocess(self, windows: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 16, 112, 112, 3) → float32 (B, 3, 16, 112, 112) on the device, mean subtracted."""
+        x = windows.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3).float() - self._mean
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, windows: Any) -> torch.Tensor:
+        """windows: uint8 (W, 16, 112, 112, 3) tensor or numpy array → float32 (W, 2048) on the CPU."""
+        windows = as_uint8_tensor(windows, 5, self.name)
+        if tuple(windows.shape[1:]) != (WINDOW, SIZE, SIZE, 3):
+            raise ValueError(f"{self.name}: expected (W, {WINDOW}, {SIZE}, {SIZE}, 3), got {tuple(windows.shape)}")
+        out = torch.empty(windows.shape[0], self.dim, dtype=torch.float32)
+        bs = self.config.batch_size
+        for i in range(0, windows.shape[0], bs):
+            x = self.preprocess(windows[i : i + bs])
+            with autocast_context(self.device, self.config.amp):
+                y = self.model.forward_features(x)
+            out[i : i + bs] = F.normalize(y.float(), dim=1).cpu()
+        return out

@@ -1,0 +1,177 @@
+"""Locating model weight files, their identity, and deterministic random initialisation.
+
+Search order for a weights file (``resolve_weights``):
+
+1. the explicit path from the extractor's config (a file, or a folder that holds ``filename``);
+   when it is given it is authoritative: a missing explicit path is an error, never a fallback;
+2. ``$TORCH_HOME/hub/checkpoints/<filename>`` (``TORCH_HOME`` defaults to ``~/.cache/torch``), where
+   ``torch.hub`` / torchvision put downloaded checkpoints.
+
+The identity of a real file is the sha256 of its bytes; of random weights ``random-init-seed<N>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MissingWeightsError",
+    "WeightsRef",
+    "checkpoint_dir",
+    "file_sha256",
+    "load_state_dict_file",
+    "random_identity",
+    "resolve_weights",
+    "seeded",
+]
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weights file was required but not found; the message says where it was looked for."""
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Resolved weights: ``path`` (None for random init), ``identity`` (sha256 hex or
+    ``random-init-seed<N>``) and ``random`` (True when no file was found and random init is allowed)."""
+
+    path: Path | None
+    identity: str
+    random: bool
+
+
+def checkpoint_dir() -> Path:
+    """``$TORCH_HOME/hub/checkpoints``, where torch.hub and torchvision keep downloaded checkpoints.
+
+    ``TORCH_HOME`` defaults to ``$XDG_CACHE_HOME/torch``, i.e. ``~/.cache/torch`` (``torch.hub.get_dir``);
+    read at call time.
+    """
+    return Path(torch.hub.get_dir()).expanduser() / "checkpoints"
+
+
+def random_identity(seed: int) -> str:
+    """Identity string of randomly initialised weights."""
+    return f"random-init-seed{seed}"
+
+
+@lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file's bytes, memoised by (resolved path, size, mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
+
+
+def resolve_weights(
+    path: str | os.PathLike[str] | None,
+    filename: str,
+    *,
+    allow_random: bool,
+    seed: int = 0,
+    what: str = "model weights",
+    hint: str | None = None,
+) -> WeightsRef:
+    """Find ``filename`` (see the module docstring for the search order).
+
+    Args:
+        path: explicit file, or folder holding ``filename``; None to search the default place only.
+        filename: the expected file name, e.g. ``resnet152-394f9c45.pth``.
+        allow_random: when nothing is found, return a random-init reference (with a loud warning)
+            instead of raising. Never applies to a missing explicit ``path``.
+        seed: seed of the random init, recorded in the identity.
+        what: human-readable name of the weights, used in messages.
+        hint: extra sentence for the error message (e.g. where to download the file).
+
+    Raises:
+        MissingWeightsError: the file was not found (and random init not allowed or ``path`` given).
+    """
+    looked: list[Path] = []
+    if path is not None:
+        explicit = Path(path).expanduser()
+        candidate = explicit / filename if explicit.is_dir() else explicit
+        looked.append(candidate)
+        if candidate.is_file():
+            return WeightsRef(candidate, file_sha256(candidate), False)
+        raise MissingWeightsError(_missing_message(what, filename, looked, hint, explicit=True))
+    default = checkpoint_dir() / filename
+    looked.append(default)
+    if default.is_file():
+        return WeightsRef(default, file_sha256(default), False)
+    if allow_random:
+        logger.warning(
+            "!!! %s: %s not found (looked in %s); using RANDOMLY INITIALISED weights (seed %d). "
+            "The features will be meaningless for real use. !!!",
+            what,
+            filename,
+            ", ".join(str(p) for p in looked),
+            seed,
+        )
+        return WeightsRef(None, random_identity(seed), True)
+    raise MissingWeightsError(_missing_message(what, filename, looked, hint, explicit=False))
+
+
+def _missing_message(what: str, filename: str, looked: list[Path], hint: str | None, *, explicit: bool) -> str:
+    lines = [f"{what}: file {filename!r} not found. Looked in:"]
+    lines += [f"  - {p}" for p in looked]
+    if explicit:
+        lines.append("The path was given explicitly in the config; fix it or remove it to use the default place.")
+    else:
+        lines.append(
+            f"Put {filename} at {checkpoint_dir() / filename} (set TORCH_HOME to move that folder), "
+            "or set the extractor's `weights` config to its path"
+            " (visual extractors also accept allow_random_weights: true, for smoke tests only)."
+        )
+    if hint:
+        lines.append(hint)
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU RNG seeded to ``seed``, restoring the caller's RNG state after.
+
+    Build random-init models on the CPU inside this block: the result is identical across runs.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (``weights_only=True``) onto the CPU and return a flat state dict.
+
+    Accepts a plain state dict or a dict holding one under ``state_dict`` (or ``model``); strips a
+    ``module.`` prefix (DataParallel) when every key carries it.
+    """
+    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state

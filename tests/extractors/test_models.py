@@ -1,0 +1,328 @@
+"""Visual extractors, weights resolution and the registry.
+
+Heavy models (ResNet-152, ResNeXt-101) are built a few times only, with random weights, and run on
+tiny inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import extractors
+from extractors import (
+    MissingWeightsError,
+    available,
+    create,
+    get_extractor,
+    load_state_dict_file,
+    resolve_weights,
+    windows_from_frames,
+)
+from extractors.weights import checkpoint_dir, file_sha256, seeded
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HARA_KEYS = FIXTURES / "hara_resnext101_kinetics_keys.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_torch_home(tmp_path_factory: pytest.TempPathFactory):
+    """Module-scoped models are built with an empty TORCH_HOME: no real weights leak in."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home_module")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test sees its own empty TORCH_HOME."""
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def _shared_storage_copy(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Same keys/shapes/dtypes, values from one shared random storage (torch.save writes it once,
+    keeping checkpoint files of 50M-parameter models a few MB)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(max(v.numel() for v in state.values()), generator=gen)
+    out = {}
+    for k, v in state.items():
+        flat = base[: v.numel()]
+        out[k] = flat.abs().add(0.5).view(v.shape) if "running_var" in k else flat.view(v.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_the_builtin_extractors() -> None:
+    assert available() == ["hf_tokens", "logmel", "resnet152_2d", "resnext101_3d", "word2vec"]
+    assert available("video2d") == ["resnet152_2d"]
+    assert available("video3d") == ["resnext101_3d"]
+    assert available("audio") == ["logmel"]
+    assert available("text") == ["hf_tokens", "word2vec"]
+    cls = get_extractor("resnext101_3d")
+    assert (cls.field, cls.dim, cls.rate) == ("video3d", 2048, 1.5)
+    assert (get_extractor("resnet152_2d").dim, get_extractor("resnet152_2d").rate) == (2048, 1.0)
+    with pytest.raises(KeyError, match="resnet152_2d"):
+        get_extractor("nope")
+    with pytest.raises(ValueError):
+        available("video")
+    with pytest.raises(TypeError, match="batchsize"):
+        create("resnet152_2d", {"batchsize": 3})
+
+
+def test_register_rejects_bad_classes() -> None:
+    class Bad(extractors.FeatureExtractor):
+        name = "bad"
+        field = "smell"
+        version = "1"
+        Config = extractors.ResNet152Config
+
+        def __call__(self, batch):  # pragma: no cover
+            return batch
+
+    with pytest.raises(ValueError, match="smell"):
+        extractors.register(Bad)
+    assert "bad" not in available()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def test_missing_weights_message_names_file_and_places(_isolated_torch_home: Path) -> None:
+    with pytest.raises(MissingWeightsError) as err:
+        resolve_weights(None, "resnet152-394f9c45.pth", allow_random=False)
+    msg = str(err.value)
+    expected = _isolated_torch_home / "hub" / "checkpoints" / "resnet152-394f9c45.pth"
+    assert "resnet152-394f9c45.pth" in msg and str(expected) in msg
+    assert isinstance(err.value, FileNotFoundError)
+    # an explicit path is authoritative: also reported, and never replaced by random weights
+    with pytest.raises(MissingWeightsError) as err2:
+        resolve_weights("/nonexistent/dir/w.pth", "resnet152-394f9c45.pth", allow_random=True)
+    assert "/nonexistent/dir/w.pth" in str(err2.value)
+    # through an extractor: fails before building anything
+    with pytest.raises(MissingWeightsError, match="resnext-101-kinetics.pth"):
+        create("resnext101_3d")
+
+
+def test_random_weights_warn_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="extractors.weights"):
+        ref = resolve_weights(None, "x.pth", allow_random=True, seed=7)
+    assert ref == extractors.WeightsRef(None, "random-init-seed7", True)
+    assert any("RANDOM" in r.getMessage() and "x.pth" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_found_in_torch_home_and_explicit(tmp_path: Path) -> None:
+    default = checkpoint_dir() / "w.pth"
+    default.parent.mkdir(parents=True)
+    default.write_bytes(b"abc")
+    ref = resolve_weights(None, "w.pth", allow_random=False)
+    assert ref.path == default and not ref.random
+    assert ref.identity == hashlib.sha256(b"abc").hexdigest()
+    other = tmp_path / "w.pth"
+    other.write_bytes(b"different bytes")
+    assert resolve_weights(str(other), "ignored.pth", allow_random=False).path == other
+    assert resolve_weights(str(tmp_path), "w.pth", allow_random=False).path == other  # folder holding it
+    # the identity cache follows file changes (size/mtime)
+    other.write_bytes(b"changed again, longer")
+    assert file_sha256(other) == hashlib.sha256(b"changed again, longer").hexdigest()
+
+
+def test_seeded_is_deterministic_and_restores_global_rng() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded(0):
+        a = torch.randn(5)
+    with seeded(1):
+        b = torch.randn(5)
+    with seeded(0):
+        c = torch.randn(5)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_load_state_dict_file_unwraps_and_strips(tmp_path: Path) -> None:
+    sd = {"a.weight": torch.arange(3.0), "b": torch.ones(2)}
+    torch.save({"epoch": 3, "arch": "x", "state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "c.pth")
+    torch.save(sd, tmp_path / "p.pth")
+    for name in ("c.pth", "p.pth"):
+        got = load_state_dict_file(tmp_path / name)
+        assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    torch.save([1, 2], tmp_path / "bad.pth")
+    with pytest.raises(ValueError):
+        load_state_dict_file(tmp_path / "bad.pth")
+
+
+# --------------------------------------------------------------------------------------------- 2D
+
+
+@pytest.fixture(scope="module")
+def r2d() -> extractors.ResNet152Extractor:
+    return create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "batch_size": 2, "device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def frames2d() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, size=(3, 40, 56, 3), dtype=np.uint8))
+
+
+def test_resnet152_trunk_matches_torchvision(r2d, frames2d) -> None:
+    with torch.device("meta"):
+        tv = torchvision.models.resnet152()
+    tv_shapes = {k: tuple(v.shape) for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    ours = {k: tuple(v.shape) for k, v in r2d.model.state_dict().items()}
+    assert list(ours) == list(tv_shapes) and ours == tv_shapes
+    assert r2d.weights_id == "random-init-seed0" and r2d.random_weights
+    # the same random weights in torchvision's model with fc = Identity, preprocessing done here
+    tv.fc = torch.nn.Identity()
+    tv = tv.to_empty(device="cpu")
+    tv.load_state_dict(r2d.model.state_dict(), strict=True)
+    tv.eval()
+    x = frames2d.numpy().astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array(
+        [0.229, 0.224, 0.225], np.float32
+    )[:, None, None]
+    with torch.no_grad():
+        ref = tv(torch.from_numpy(x))
+    ref = ref / ref.norm(dim=1, keepdim=True)
+    out = r2d(frames2d)  # 3 frames in batches of 2
+    assert out.dtype == torch.float32 and out.shape == (3, 2048)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-3)
+    assert not torch.allclose(out[0], out[1])
+    np.testing.assert_array_equal(r2d(frames2d.numpy()).numpy(), out.numpy())  # numpy input accepted
+    assert r2d(frames2d[:0]).shape == (0, 2048)
+    with pytest.raises(ValueError):
+        r2d(frames2d.float())
+
+
+def test_resnet152_random_init_is_deterministic(r2d, frames2d) -> None:
+    again = create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "device": "cpu"})
+    assert torch.equal(again(frames2d[:2]), r2d(frames2d[:2]))
+
+
+def test_resnet152_loads_torchvision_checkpoint(r2d, frames2d) -> None:
+    with torch.device("meta"):
+        tv = torchvision.models.resnet152()
+    # torchvision's file layout: plain state dict with fc.*, no num_batches_tracked (old checkpoint)
+    state = _shared_storage_copy(
+        {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}, seed=1
+    )
+    path = checkpoint_dir() / "resnet152-394f9c45.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    ext = create("resnet152_2d", {"device": "cpu"})
+    assert not ext.random_weights and ext.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    got = ext.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert ext.describe() == {
+        "extractor": "resnet152_2d",
+        "version": "1",
+        "weights": ext.weights_id,
+        "random_weights": False,
+        "rate": 1.0,
+        "dim": 2048,
+    }
+
+
+# --------------------------------------------------------------------------------------------- 3D
+
+
+def _hara_param_count() -> int:
+    """ResNeXt-101 (32 groups, [3, 4, 23, 3], widths 128..1024, expansion 2, 400 classes), by hand."""
+    total = 3 * 64 * 7**3 + 2 * 64  # conv1, bn1
+    inplanes = 64
+    for planes, blocks in zip((128, 256, 512, 1024), (3, 4, 23, 3)):
+        out = 2 * planes
+        for b in range(blocks):
+            cin = inplanes if b == 0 else out
+            total += cin * planes + planes * (planes // 32) * 27 + planes * out  # three convs
+            total += 2 * (planes + planes + out)  # three BNs
+            if b == 0:
+                total += cin * out + 2 * out  # shortcut B
+        inplanes = out
+    return total + 2048 * 400 + 400
+
+
+@pytest.fixture(scope="module")
+def r3d() -> extractors.ResNeXt101Extractor:
+    return create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "batch_size": 1, "device": "cpu"})
+
+
+def test_resnext101_matches_hara_keys_and_param_count(r3d) -> None:
+    fixture = json.loads(HARA_KEYS.read_text())
+    expected = [(k, tuple(s)) for k, s in fixture["keys"]]
+    ours = [(k, tuple(v.shape)) for k, v in r3d.model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert ours == expected
+    n_params = sum(p.numel() for p in r3d.model.parameters())
+    assert n_params == _hara_param_count() == fixture["n_parameters"] == 48_340_816
+    assert n_params - r3d.model.fc.weight.numel() - r3d.model.fc.bias.numel() == 47_521_216
+    assert r3d.weights_id == "random-init-seed0"
+
+
+def test_resnext101_forward_windows(r3d) -> None:
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, 256, size=(2, 16, 112, 112, 3), dtype=np.uint8)
+    out = r3d(torch.from_numpy(windows))  # batch_size 1 → two chunks
+    assert out.shape == (2, 2048) and out.dtype == torch.float32
+    assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-3)
+    assert not torch.allclose(out[0], out[1])
+    # independent preprocessing: (3, 16, 112, 112), 0–255 minus the Kinetics mean, std 1; the second
+    # window (second chunk) only, to keep the test cheap
+    x = windows[1:].astype(np.float32).transpose(0, 4, 1, 2, 3) - np.array([110.6, 103.2, 96.3], np.float32)[
+        :, None, None, None
+    ]
+    with torch.no_grad():
+        ref = F.normalize(r3d.model.forward_features(torch.from_numpy(np.ascontiguousarray(x))), dim=1)
+    torch.testing.assert_close(out[1:], ref, rtol=1e-4, atol=1e-5)
+    assert r3d(torch.zeros(0, 16, 112, 112, 3, dtype=torch.uint8)).shape == (0, 2048)
+    with pytest.raises(ValueError):
+        r3d(torch.zeros(1, 8, 112, 112, 3, dtype=torch.uint8))
+
+
+def test_resnext101_random_init_is_deterministic(r3d) -> None:
+    again = create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "device": "cpu"})
+    a, b = again.model.state_dict(), r3d.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resnext101_loads_hara_checkpoint(r3d, tmp_path: Path) -> None:
+    state = _shared_storage_copy(
+        {k: v for k, v in r3d.model.state_dict().items() if not k.endswith("num_batches_tracked")}, seed=2
+    )
+    ckpt = {
+        "epoch": 200,
+        "arch": "resnext-101",
+        "state_dict": {"module." + k: v for k, v in state.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}]},
+    }
+    path = tmp_path / "resnext-101-kinetics.pth"
+    torch.save(ckpt, path)
+    ext = create("resnext101_3d", {"weights": str(path), "device": "cpu"})
+    assert not ext.random_weights and ext.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    got = ext.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    assert torch.equal(got["fc.weight"], state["fc.weight"])
+
+
+def test_windows_from_frames() -> None:
+    frames = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 112, 112, 3)
+    w = windows_from_frames(frames)
+    assert w.shape == (2, 16, 112, 112, 3)
+    assert torch.equal(w[1, :, 0, 0, 0], torch.arange(16, 32, dtype=torch.uint8))
+    assert windows_from_frames(frames[:15]).shape == (0, 16, 112, 112, 3)
+    assert windows_from_frames(frames[:32]).shape == (2, 16, 112, 112, 3)
+    wn = windows_from_frames(np.zeros((33, 112, 112, 3), np.uint8))
+    assert isinstance(wn, np.ndarray) and wn.shape == (2, 16, 112, 112, 3)
