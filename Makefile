@@ -11,10 +11,10 @@ WORKSPACE ?= workspace/demo
 setup: $(STAMP)
 
 system-packages:
-	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null || ! command -v espeak-ng >/dev/null; then \
-		echo "installing ffmpeg and espeak-ng with apt-get"; \
+	@if ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v chromium >/dev/null; then \
+		echo "installing ffmpeg, espeak-ng and chromium with apt-get"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng chromium; \
 	fi
 
 $(STAMP): pyproject.toml constraints.txt tools/cpu_cuda_stub.py | system-packages

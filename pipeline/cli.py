@@ -54,12 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
 
+    p = sub.add_parser("extract", help="extract 2D, 3D, audio and text features into webdataset shards",
+                       description="Decode every scanned video (decord, worker processes) and write "
+                       "WS/features/<field>/shard-NNNNNN.tar for the fields video2d (ResNet-152, 1/s), "
+                       "video3d (ResNeXt-101 3D, 1.5/s), audio (log-mel, 100/s) and text (word vectors). "
+                       "Done shards are skipped; a changed config redoes only the fields it affects. "
+                       "On a cluster each process takes the shards with index %% WORLD_SIZE == RANK.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fields", nargs="+", choices=["video2d", "video3d", "audio", "text"], default=None,
+                   help="only these fields (default: extract.fields of the config)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="use seeded random visual backbones when no weights file is found (demo/tests only)")
+    p.add_argument("--force", action="store_true", help="redo every shard of the selected fields")
+    _common(p)
+
+    p = sub.add_parser("demo-data", help="generate the synthetic narrated demo videos",
+                       description="Seeded narrated videos of coloured shapes in motion (ffmpeg + espeak-ng) "
+                       "with .srt side-cars: OUT/train/*.mp4 and OUT/heldout/*.mp4, whose held-out "
+                       "colour/shape/motion combinations never occur in train. Re-runs skip finished videos.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: demo_data.out_dir)")
+    p.add_argument("--videos", type=int, default=None, help="number of training videos")
+    p.add_argument("--heldout", type=int, default=None, help="number of held-out videos")
+    p.add_argument("--seed", type=int, default=None)
+    _common(p)
+
     for name, text in (
-        ("extract", "extract 2D, 3D, audio and text features into webdataset shards"),
         ("train", "train the MCN heads on the extracted features"),
         ("evaluate", "zero-shot retrieval and localization metrics and the report"),
         ("run", "all stages in order (scan, extract, train, evaluate)"),
-        ("demo-data", "generate the synthetic narrated demo videos"),
     ):
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +118,37 @@ def cmd_status(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     return print_status(ws, cfg)
 
 
-COMMANDS = {"scan": cmd_scan, "status": cmd_status}
+def cmd_extract(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.stages import run_extract
+
+    if args.fields:
+        cfg.extract.fields = list(args.fields)
+    if args.allow_random_weights:
+        cfg.extract.allow_random_weights = True
+    summary = run_extract(ws, cfg, force=args.force, progress=not args.no_progress)
+    done = ", ".join(f"{f} {n}" for f, n in summary.processed.items())
+    print(f"extract: rank shards {summary.shards_mine}/{summary.shards_total}; written: {done}; "
+          f"{summary.videos} videos in {summary.seconds:.1f} s")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.demo_data import generate_demo_data
+
+    d = cfg.demo_data
+    for attr, value in (("out_dir", args.out), ("n_videos", args.videos), ("n_heldout", args.heldout),
+                        ("seed", args.seed)):
+        if value is not None:
+            setattr(d, attr, value)
+    d.progress = not args.no_progress
+    s = generate_demo_data(d)
+    print(f"demo-data: {len(s.train_videos)} train + {len(s.heldout_videos)} held-out videos "
+          f"({s.seconds_train + s.seconds_heldout:.0f} s of video; {s.n_generated} generated, "
+          f"{s.n_skipped} already there) in {s.out_dir}")
+    return 0
+
+
+COMMANDS = {"scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

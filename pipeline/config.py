@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.configtools import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from pipeline.demo_data import DemoDataConfig
+from pipeline.extract import ExtractConfig
 from pipeline.scan import ScanConfig
 
 logger = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ __all__ = ["Config", "ConfigError", "load_config", "write_resolved", "git_revisi
 @dataclass
 class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

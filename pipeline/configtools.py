@@ -107,8 +107,21 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
+        f = fields[name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                # A partial section overrides the field's default section, key by key.
+                value = _merge(to_dict(default), value)
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
     return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options" else v
+    return out
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -70,3 +70,11 @@ def test_rank_from_env_and_partition():
         for i in range(50):
             assert sum(owns(i, r, world) for r in range(world)) == 1
     assert list(itertools.compress(range(6), [owns(i, 1, 2) for i in range(6)])) == [1, 3, 5]
+
+
+def test_partial_nested_sections_keep_their_defaults():
+    cfg = load_config(None, ["extract.text.options={weights: /x/w2v.bin}", "extract.video2d.options={batch_size: 2}"])
+    assert cfg.extract.text.name == "word2vec" and cfg.extract.text.options == {"weights": "/x/w2v.bin"}
+    assert cfg.extract.video2d.name == "resnet152_2d" and cfg.extract.video2d.options == {"batch_size": 2}
+    cfg = load_config(None, ["extract.decode.size_2d=64"])
+    assert cfg.extract.decode.size_2d == 64 and cfg.extract.decode.fps_3d == 24.0

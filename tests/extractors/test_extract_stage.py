@@ -1,0 +1,188 @@
+"""The `extract` stage end to end on generated media: shards, rates, norms, bad inputs, caching, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.runner import field_status
+from pipeline.scan import scan
+from pipeline.shards import iter_shard, read_record
+from pipeline.stages import extract_stage, run_extract, shard_jobs
+from pipeline.workspace import FIELDS, Workspace
+
+pytestmark = pytest.mark.slow
+
+CAPTIONS = "1\n00:00:00,000 --> 00:00:02,000\nthe red circle moves left\n\n2\n00:00:02,000 --> 00:00:04,500\na blue square grows\n"
+
+
+def make_word2vec(path: Path) -> Path:
+    from gensim.models import KeyedVectors
+
+    words = ["the", "red", "circle", "moves", "left", "a", "blue", "square", "grows"]
+    kv = KeyedVectors(vector_size=300)
+    kv.add_vectors(words, np.random.default_rng(0).standard_normal((len(words), 300)).astype(np.float32))
+    kv.save_word2vec_format(str(path), binary=True)
+    return path
+
+
+def overrides(tmp: Path, shard_size: int = 3) -> list[str]:
+    return [
+        f"scan.shard_size={shard_size}",
+        "extract.allow_random_weights=true",
+        "extract.decode.size_2d=64",
+        "extract.workers.num_workers=1",
+        "extract.workers.timeout_s=120",
+        f"extract.text.options={{weights: {make_word2vec(tmp / 'w2v.bin')}}}",
+        "extract.video2d.options={batch_size: 8}",
+        "extract.video3d.options={batch_size: 4}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory, cfr_mp4, noaudio_mp4, short_mp4, vp9_webm, mpeg4_avi, truncated_mp4, text_mp4):
+    root = tmp_path_factory.mktemp("extract_videos")
+    for name, src in (("cfr.mp4", cfr_mp4), ("noaudio.mp4", noaudio_mp4), ("short.mp4", short_mp4),
+                      ("vp9.webm", vp9_webm), ("mpeg4.avi", mpeg4_avi), ("truncated.mp4", truncated_mp4),
+                      ("text.mp4", text_mp4)):
+        (root / name).symlink_to(src)
+    (root / "cfr.srt").write_text(CAPTIONS)
+    (root / "vp9.srt").write_text("1\n00:00:00,000 --> 00:00:01,500\nred square\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def extracted(videos, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extract_ws")
+    ws = Workspace(tmp / "ws")
+    cfg = load_config(None, overrides(tmp))
+    scan(videos, ws, cfg.scan, progress=False)
+    summary = run_extract(ws, cfg, progress=False)
+    return ws, cfg, summary, tmp
+
+
+def samples(ws: Workspace, field: str) -> dict[str, dict]:
+    out = {}
+    for job in shard_jobs(ws):
+        for s in iter_shard(ws.shard_tar(field, job.index)):
+            out[s["__key__"]] = s
+    return out
+
+
+def test_every_field_has_the_same_keys_in_manifest_order(extracted):
+    ws, _, summary, _ = extracted
+    assert summary.processed == {f: 3 for f in FIELDS}
+    for job in shard_jobs(ws):
+        expected = [r.id for r in job.records]
+        for f in FIELDS:
+            keys = [s["__key__"] for s in iter_shard(ws.shard_tar(f, job.index))]
+            assert keys == expected, f
+            record = read_record(ws.shard_record(f, job.index))
+            assert [v["id"] for v in record["videos"]] == expected
+
+
+def test_rates_norms_and_dtypes(extracted):
+    ws, *_ = extracted
+    v2, v3, au = samples(ws, "video2d")["cfr"], samples(ws, "video3d")["cfr"], samples(ws, "audio")["cfr"]
+    duration = v2["json"]["duration"]
+    assert abs(duration - 5.0) < 0.1
+    for s, rate in ((v2, 1.0), (v3, 1.5), (au, 100.0)):
+        feat = s["feat.npy"]
+        assert s["json"]["status"] == "ok" and s["json"]["rate"] == rate
+        assert feat.dtype == np.float16
+        assert abs(len(feat) - duration * rate) <= max(1, 0.01 * duration * rate), (rate, feat.shape)
+    assert v2["feat.npy"].shape[1] == v3["feat.npy"].shape[1] == 2048 and au["feat.npy"].shape[1] == 40
+    for feat in (v2["feat.npy"], v3["feat.npy"]):
+        norms = np.linalg.norm(feat.astype(np.float32), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+    mel = au["feat.npy"].astype(np.float32)
+    assert mel.max() == 0.0 and mel.min() >= -80.0
+    assert v2["json"]["random_weights"] is True and v2["json"]["weights"] == "random-init-seed0"
+
+
+def test_text_field(extracted):
+    ws, *_ = extracted
+    text = samples(ws, "text")
+    cfr = text["cfr"]
+    assert cfr["words.npy"].shape == (2, 20, 300) and cfr["words.npy"].dtype == np.float16
+    assert cfr["lengths.npy"].tolist() == [5, 4]
+    assert [c["text"] for c in cfr["json"]["captions"]] == ["the red circle moves left", "a blue square grows"]
+    assert np.all(cfr["words.npy"][0, 5:] == 0) and np.any(cfr["words.npy"][0, 4] != 0)
+    assert text["vp9"]["lengths.npy"].tolist() == [2]
+    assert text["noaudio"]["json"]["status"] == "no_captions"
+
+
+def test_bad_and_odd_inputs(extracted):
+    ws, *_ = extracted
+    v2, v3, au = samples(ws, "video2d"), samples(ws, "video3d"), samples(ws, "audio")
+    # shorter than one 3D window: an empty (0, 2048) array, not a failure
+    assert v3["short"]["json"]["status"] == "ok" and v3["short"]["feat.npy"].shape == (0, 2048)
+    assert v2["short"]["feat.npy"].shape == (1, 2048)
+    assert au["noaudio"]["json"]["status"] == "no_audio" and "feat.npy" not in au["noaudio"]
+    assert v2["noaudio"]["json"]["status"] == "ok"
+    for vid in ("vp9", "mpeg4"):
+        assert v2[vid]["json"]["status"] == v3[vid]["json"]["status"] == au[vid]["json"]["status"] == "ok"
+        assert len(v2[vid]["feat.npy"]) == 2
+    for vid in ("truncated", "text"):
+        for field in FIELDS:
+            s = samples(ws, field)[vid]
+            assert s["json"]["status"] == "failed" and s["json"]["error"].startswith("scan: ffprobe")
+            assert set(s) == {"__key__", "json"}
+
+
+def test_rerun_skips_and_text_change_redoes_only_text(extracted, videos):
+    ws, cfg, _, tmp = extracted
+    again = run_extract(ws, cfg, progress=False)
+    assert again.processed == {f: 0 for f in FIELDS} and again.skipped == {f: 3 for f in FIELDS}
+    before = {f: ws.shard_tar(f, 0).read_bytes() for f in FIELDS}
+    changed = load_config(None, overrides(tmp) + [f"extract.text.options={{weights: {tmp / 'w2v.bin'}, max_words: 3}}"])
+    stage = extract_stage(ws, changed)
+    status = {s.field: s for s in field_status(stage, ws, shard_jobs(ws))}
+    assert status["text"].stale == 3 and status["video2d"].done == 3 and status["audio"].done == 3
+    redo = run_extract(ws, changed, progress=False)
+    assert redo.processed == {"video2d": 0, "video3d": 0, "audio": 0, "text": 3}
+    assert samples(ws, "text")["cfr"]["lengths.npy"].tolist() == [3, 3]
+    for f in ("video2d", "video3d", "audio"):
+        assert ws.shard_tar(f, 0).read_bytes() == before[f]
+
+
+def _extract_cmd(ws: Path, tmp: Path, shard_size: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "extract", "--workspace", str(ws), "--no-progress",
+            *overrides(tmp, shard_size)]
+
+
+def test_sigkill_mid_extract_resumes_byte_identical(videos, tmp_path, cfr_mp4, short_mp4, vp9_webm):
+    root = tmp_path / "v"
+    root.mkdir()
+    for name, src in (("a.mp4", cfr_mp4), ("b.mp4", short_mp4), ("c.webm", vp9_webm)):
+        (root / name).symlink_to(src)
+    (root / "a.srt").write_text(CAPTIONS)
+    results = {}
+    for name in ("killed", "clean"):
+        ws = Workspace(tmp_path / name)
+        cfg = load_config(None, overrides(tmp_path, shard_size=1))
+        scan(root, ws, cfg.scan, progress=False)
+        if name == "killed":
+            proc = subprocess.Popen(_extract_cmd(ws.root, tmp_path, 1), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and read_record(ws.shard_record("text", 0)) is None:
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert read_record(ws.shard_record("text", 2)) is None, "killed too late: nothing left to resume"
+        subprocess.run(_extract_cmd(ws.root, tmp_path, 1), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        results[name] = {(f, j.index): ws.shard_tar(f, j.index).read_bytes() for f in FIELDS for j in shard_jobs(ws)}
+        assert not list(ws.root.rglob(".*.tmp-*"))
+    assert results["killed"].keys() == results["clean"].keys() and len(results["clean"]) == 12
+    for key, data in results["clean"].items():
+        assert results["killed"][key] == data, key
