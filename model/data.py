@@ -1,0 +1,573 @@
+"""Training clips from feature shards (SPEC §2, docs/formats.md).
+
+Reading
+    The four field shards ``WS/features/{video2d,video3d,audio,text}/shard-NNNNNN.tar`` are streamed
+    with webdataset's tar iterators (sequential reads, no random access) and zipped by key. Only
+    ``.json`` and ``.npy`` members are decoded (``np.load(allow_pickle=False)``); nothing is
+    unpickled. Fields carry the same keys in the same order by construction; the zip is a merge-join
+    on the order of the shard's done record, so a key missing from one field costs that one video
+    (counted as ``key_mismatch``), not the rest of the shard. Only shards whose done records exist
+    for all four fields are read.
+
+Order (deterministic given ``seed, epoch, rank, world, num_workers``)
+    For epoch ``e`` the global shard sequence is ``perm(e, 0) ‖ perm(e, 1) ‖ ...`` (an endless
+    concatenation of seeded permutations). Rank ``r`` of ``W`` takes every ``W``-th shard from
+    position ``r``; its logical data worker ``w`` of ``nw`` takes every ``nw``-th of those. Each
+    worker shuffles videos through a seeded buffer and emits whole batches; the DataLoader visits
+    workers round-robin, so batch ``j`` of a rank comes from logical worker ``j % nw``. Streams are
+    endless and every rank yields exactly ``batches_per_epoch`` batches (the ``with_epoch`` idea), so
+    ranks never wait on each other at the end of an epoch. Clip sampling uses a generator seeded by
+    ``(seed, epoch, cycle, crc32(video id))``, independent of what was read before.
+
+Data position
+    ``(epoch, batches consumed in that epoch)``. Resuming mid-epoch re-reads and re-decodes the
+    skipped part of the epoch on each worker (no clip building, no collation) and rotates the
+    logical worker ids so that the DataLoader's round-robin continues at the right worker; the batch
+    sequence after the resume point is then identical to the uninterrupted one. Cost: the I/O of the
+    skipped part of the epoch, so prefer checkpoints at epoch ends for very large epochs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+logger = logging.getLogger(__name__)
+
+FIELDS: tuple[str, ...] = ("video2d", "video3d", "audio", "text")
+COUNTERS: tuple[str, ...] = (
+    "videos",  # videos turned into clips
+    "clips",
+    "no_audio",  # used, with audio_mask False
+    "skipped_no_captions",
+    "skipped_failed",
+    "key_mismatch",
+    "corrupted_samples",
+    "corrupted_shards",
+)
+_SHARD_RE = re.compile(r"^shard-(\d+)\.tar$")
+
+
+@dataclass
+class DataConfig:
+    """Clip sampling and loading settings (SPEC §2)."""
+
+    n_pair: int = 32  # clips per video
+    min_time: float = 10.0  # seconds a merged caption span must reach
+    audio_frames: int = 1000  # log-mel frames per clip (crop / zero-pad)
+    audio_rate: float = 100.0  # log-mel frames per second
+    video_fps_2d: float = 1.0
+    video_fps_3d: float = 1.5
+    max_words: int = 20
+    shuffle_buffer: int = 64  # decoded videos held per data worker
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    seed: int = 0
+    batches_per_epoch: int | None = None  # per rank; None: usable videos // global batch (≥ 1)
+    check_sizes: bool = True  # a tar whose size differs from its done record is skipped
+    mp_context: str | None = None  # DataLoader worker start method (None: platform default)
+
+
+@dataclass
+class ShardInfo:
+    """One shard index with its four field tars and what the done records say about it."""
+
+    index: int
+    paths: dict[str, Path]
+    n_videos: int
+    n_usable: int  # videos usable for training according to the done records
+
+
+@dataclass
+class VideoFeatures:
+    """Decoded features of one video.
+
+    video2d (T2, D2), video3d (T3, D3), audio (Ta, n_mels) or None (no audio), words (N, W, Dw),
+    lengths (N,), starts/ends (N,) seconds, sorted by start.
+    """
+
+    key: str
+    video2d: np.ndarray
+    video3d: np.ndarray
+    audio: np.ndarray | None
+    words: np.ndarray
+    lengths: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    cycle: int = 0
+
+
+def empty_counts() -> dict[str, int]:
+    return {k: 0 for k in COUNTERS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard discovery
+
+
+def _video_usable(statuses: dict[str, str]) -> bool:
+    """Usable for training given the per-field statuses of one video."""
+    return (
+        statuses.get("video2d") == "ok"
+        and statuses.get("video3d") == "ok"
+        and statuses.get("text") == "ok"
+        and statuses.get("audio") in ("ok", "no_audio")
+    )
+
+
+def list_shards(features_dir: Path, check_sizes: bool = True) -> list[ShardInfo]:
+    """Shards whose done records exist for all four fields, sorted by index.
+
+    A done record that cannot be parsed, or a tar whose size differs from the record's ``bytes``,
+    excludes the shard (logged).
+    """
+    features_dir = Path(features_dir)
+    indices: set[int] | None = None
+    for f in FIELDS:
+        found = {int(m.group(1)) for p in (features_dir / f).glob("shard-*.tar")
+                 if (m := _SHARD_RE.match(p.name))}
+        indices = found if indices is None else indices & found
+    shards: list[ShardInfo] = []
+    for idx in sorted(indices or ()):
+        paths: dict[str, Path] = {}
+        statuses: dict[str, dict[str, str]] = {}
+        n_videos = 0
+        ok = True
+        for f in FIELDS:
+            tar = features_dir / f / f"shard-{idx:06d}.tar"
+            rec_path = tar.with_suffix(".json")
+            if not rec_path.exists():
+                ok = False
+                break
+            try:
+                rec = json.loads(rec_path.read_text())
+                videos = rec["videos"]
+                size = tar.stat().st_size
+                if check_sizes and rec.get("bytes") is not None and size != int(rec["bytes"]):
+                    logger.warning("shard %s: size %d differs from its done record (%s); skipped",
+                                   tar, size, rec["bytes"])
+                    ok = False
+                    break
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("shard %06d: unreadable done record %s (%s); skipped", idx, rec_path, exc)
+                ok = False
+                break
+            paths[f] = tar
+            n_videos = max(n_videos, len(videos))
+            for v in videos:
+                statuses.setdefault(str(v.get("id")), {})[f] = str(v.get("status"))
+        if not ok:
+            continue
+        n_usable = sum(_video_usable(s) for s in statuses.values())
+        shards.append(ShardInfo(index=idx, paths=paths, n_videos=n_videos, n_usable=n_usable))
+    return shards
+
+
+def batches_per_epoch(shards: list[ShardInfo], batch_size: int, world_size: int, cfg: DataConfig) -> int:
+    """Batches each rank yields per epoch: usable videos // (batch_size · world), at least 1."""
+    if cfg.batches_per_epoch is not None:
+        return max(1, int(cfg.batches_per_epoch))
+    usable = sum(s.n_usable for s in shards)
+    return max(1, usable // (batch_size * world_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and decoding
+
+
+def _decode_member(suffix: str, data: bytes) -> Any:
+    if suffix == "json":
+        return json.loads(data.decode("utf-8"))
+    if suffix.endswith("npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if suffix == "txt":
+        return data.decode("utf-8")
+    return None  # unknown members are never decoded
+
+
+def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
+    """Raw samples (key → {suffix: bytes}) of one tar, via webdataset's tar iterators.
+
+    Raises on a broken tar (the caller counts the shard as corrupted and stops it).
+    """
+    with open(path, "rb") as stream:
+        files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream, handler=reraise_exception))
+        yield from group_by_keys(files, handler=reraise_exception)
+
+
+class _Counted:
+    """Wraps a field's sample iterator; remembers whether it ended on an error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.it = _tar_samples(path)
+        self.error: Exception | None = None
+
+    def next(self) -> dict[str, Any] | None:
+        try:
+            return next(self.it)
+        except StopIteration:
+            return None
+        except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
+            self.error = exc
+            return None
+
+
+def zip_shard(shard: ShardInfo, counts: dict[str, int]) -> Iterator[dict[str, dict[str, Any]]]:
+    """Yield ``{field: raw sample}`` for keys present in all four fields of a shard.
+
+    Merge-join on the order of the video2d done record: when heads disagree, the heads earliest in
+    that order (unknown keys first) are dropped and counted as ``key_mismatch``. A tar that breaks
+    mid-way ends the shard (``corrupted_shards``).
+    """
+    order: dict[str, int] = {}
+    try:
+        rec = json.loads(shard.paths["video2d"].with_suffix(".json").read_text())
+        order = {str(v["id"]): i for i, v in enumerate(rec["videos"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    its = {f: _Counted(shard.paths[f]) for f in FIELDS}
+    heads = {f: its[f].next() for f in FIELDS}
+    while True:
+        if any(h is None for h in heads.values()):
+            broken = {f: it.error for f, it in its.items() if it.error is not None}
+            early = [f for f, h in heads.items() if h is None and f not in broken]
+            if broken or any(h is not None for h in heads.values()):
+                # a tar that raised, or one that ended before the others (tarfile stops silently on
+                # a damaged header in the middle of an archive): the rest of the shard is lost
+                counts["corrupted_shards"] += 1
+                logger.warning("shard %06d: corrupted or truncated field tar(s) %s%s; rest of the shard "
+                               "skipped", shard.index, sorted(broken) or early,
+                               f" ({next(iter(broken.values()))})" if broken else "")
+            return
+        keys = {f: h["__key__"] for f, h in heads.items()}
+        if len(set(keys.values())) == 1:
+            yield heads  # type: ignore[misc]
+            heads = {f: its[f].next() for f in FIELDS}
+            continue
+        rank = {f: order.get(k, -1) for f, k in keys.items()}
+        low = min(rank.values())
+        for f in FIELDS:
+            if rank[f] == low:
+                counts["key_mismatch"] += 1
+                logger.warning("shard %06d: key %r of field %s has no partner in every field; skipped",
+                               shard.index, keys[f], f)
+                heads[f] = its[f].next()
+
+
+class CorruptSample(ValueError):
+    """A sample whose members are missing, undecodable or inconsistent."""
+
+
+def decode_video(raw: dict[str, dict[str, Any]], counts: dict[str, int]) -> VideoFeatures | None:
+    """Decode and validate one zipped sample; None (counted) when it is skipped."""
+    key = raw["video2d"]["__key__"]
+    try:
+        meta = {}
+        for f in FIELDS:
+            if "json" not in raw[f]:
+                raise CorruptSample(f"{f}: no json member")
+            meta[f] = _decode_member("json", raw[f]["json"])
+            if not isinstance(meta[f], dict):
+                raise CorruptSample(f"{f}: json is not an object")
+        status = {f: meta[f].get("status") for f in FIELDS}
+        if "failed" in status.values() or status["video2d"] != "ok" or status["video3d"] != "ok":
+            counts["skipped_failed"] += 1
+            return None
+        if status["text"] == "no_captions":
+            counts["skipped_no_captions"] += 1
+            return None
+        if status["text"] != "ok" or status["audio"] not in ("ok", "no_audio"):
+            counts["skipped_failed"] += 1
+            return None
+
+        def arr(f: str, member: str, ndim: int) -> np.ndarray:
+            if member not in raw[f]:
+                raise CorruptSample(f"{f}: no {member} member")
+            a = _decode_member(member, raw[f][member])
+            if not isinstance(a, np.ndarray) or a.ndim != ndim or a.dtype.kind not in "fiu":
+                raise CorruptSample(f"{f}.{member}: bad array")
+            return a
+
+        v2 = arr("video2d", "feat.npy", 2)
+        v3 = arr("video3d", "feat.npy", 2)
+        audio = arr("audio", "feat.npy", 2) if status["audio"] == "ok" else None
+        words = arr("text", "words.npy", 3)
+        lengths = arr("text", "lengths.npy", 1).astype(np.int64)
+        caps = meta["text"].get("captions")
+        if not isinstance(caps, list) or len(caps) != len(words) or len(lengths) != len(words):
+            raise CorruptSample("text: captions, words and lengths disagree")
+        if len(words) == 0:
+            counts["skipped_no_captions"] += 1
+            return None
+        starts = np.asarray([float(c["start"]) for c in caps], dtype=np.float64)
+        ends = np.asarray([float(c["end"]) for c in caps], dtype=np.float64)
+        if not (np.all(np.isfinite(starts)) and np.all(np.isfinite(ends))):
+            raise CorruptSample("text: non-finite caption times")
+    except (CorruptSample, ValueError, KeyError, TypeError, UnicodeDecodeError, EOFError, OSError) as exc:
+        counts["corrupted_samples"] += 1
+        logger.warning("sample %r: corrupted (%s); skipped", key, exc)
+        return None
+    return VideoFeatures(key=key, video2d=v2, video3d=v3, audio=audio, words=words,
+                         lengths=np.clip(lengths, 0, words.shape[1]), starts=starts, ends=ends)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clip building (pure functions, SPEC §2)
+
+
+def merge_span(starts: np.ndarray, ends: np.ndarray, ind: int, min_time: float) -> tuple[int, int]:
+    """First and last caption of the clip grown from caption ``ind`` until it spans ≥ min_time.
+
+    As the reference loader: while both neighbours exist, take the previous caption when that
+    gives the shorter span (ties: previous), else the next; at a border take the one that exists.
+    """
+    first = last = ind
+    n = len(starts)
+    while ends[last] - starts[first] < min_time:
+        if first > 0 and last < n - 1:
+            d_next = ends[last + 1] - starts[first]
+            d_prev = ends[last] - starts[first - 1]
+            if d_prev <= d_next:
+                first -= 1
+            else:
+                last += 1
+        elif first > 0:
+            first -= 1
+        elif last < n - 1:
+            last += 1
+        else:
+            break
+    return first, last
+
+
+def pool_video(rows: np.ndarray, start: float, end: float, fps: float) -> np.ndarray:
+    """Max-pool rows ``int(start·fps) : int(end·fps)+1`` and L2-normalise; zeros if empty. (D,) f32."""
+    a, b = int(start * fps), int(end * fps) + 1
+    piece = rows[max(a, 0):max(b, 0)]
+    if len(piece) == 0:
+        return np.zeros(rows.shape[1], dtype=np.float32)
+    v = piece.max(axis=0).astype(np.float32)
+    norm = float(np.linalg.norm(v))
+    return v / max(norm, 1e-12)
+
+
+def crop_audio(mel: np.ndarray | None, start: float, end: float, rate: float, frames: int,
+               n_mels: int | None = None) -> tuple[np.ndarray, int]:
+    """Log-mel frames ``int(start·rate) : int(end·rate)`` cropped / zero-padded to ``frames``.
+
+    mel (Ta, n_mels) → ((n_mels, frames) float16, nframes before padding).
+    """
+    if mel is None:
+        return np.zeros((n_mels or 40, frames), dtype=np.float16), 0
+    a = max(int(start * rate), 0)
+    b = max(int(end * rate), a)
+    piece = mel[a:min(b, a + frames)]
+    out = np.zeros((mel.shape[1], frames), dtype=np.float16)
+    out[:, : len(piece)] = piece.T
+    return out, len(piece)
+
+
+def merge_words(words: np.ndarray, lengths: np.ndarray, first: int, last: int,
+                max_words: int) -> tuple[np.ndarray, int]:
+    """Words of captions first..last in order, truncated to max_words. ((max_words, D) f16, count)."""
+    out = np.zeros((max_words, words.shape[2]), dtype=np.float16)
+    n = 0
+    for i in range(first, last + 1):
+        take = min(int(lengths[i]), max_words - n)
+        if take <= 0:
+            break
+        out[n:n + take] = words[i, :take]
+        n += take
+    return out, n
+
+
+def build_clips(v: VideoFeatures, cfg: DataConfig, rng: np.random.Generator,
+                n_mels: int = 40) -> dict[str, np.ndarray]:
+    """``cfg.n_pair`` clips of one video, each from a random caption (with replacement).
+
+    Returns video (P, D2+D3) f32, audio (P, n_mels, F) f16, nframes (P,) i64, text (P, W, Dw) f16,
+    text_len (P,) i64, audio_mask (P,) bool, start/end (P,) f64.
+    """
+    P = cfg.n_pair
+    inds = rng.integers(0, len(v.starts), size=P)
+    mels = v.audio.shape[1] if v.audio is not None else n_mels
+    video = np.zeros((P, v.video2d.shape[1] + v.video3d.shape[1]), dtype=np.float32)
+    audio = np.zeros((P, mels, cfg.audio_frames), dtype=np.float16)
+    text = np.zeros((P, cfg.max_words, v.words.shape[2]), dtype=np.float16)
+    nframes = np.zeros(P, dtype=np.int64)
+    text_len = np.zeros(P, dtype=np.int64)
+    se = np.zeros((P, 2), dtype=np.float64)
+    d2 = v.video2d.shape[1]
+    for p, ind in enumerate(inds):
+        first, last = merge_span(v.starts, v.ends, int(ind), cfg.min_time)
+        s, e = float(v.starts[first]), float(v.ends[last])
+        se[p] = (s, e)
+        video[p, :d2] = pool_video(v.video2d, s, e, cfg.video_fps_2d)
+        video[p, d2:] = pool_video(v.video3d, s, e, cfg.video_fps_3d)
+        audio[p], nframes[p] = crop_audio(v.audio, s, e, cfg.audio_rate, cfg.audio_frames, mels)
+        text[p], text_len[p] = merge_words(v.words, v.lengths, first, last, cfg.max_words)
+    return {
+        "video": video, "audio": audio, "nframes": nframes, "text": text, "text_len": text_len,
+        "audio_mask": np.full(P, v.audio is not None), "start": se[:, 0], "end": se[:, 1],
+    }
+
+
+def collate(clips: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, Any]:
+    """Stack per-video clip dicts into a batch of B·n_pair clips (+ video_index, keys)."""
+    batch: dict[str, Any] = {k: torch.from_numpy(np.concatenate([c[k] for c in clips])) for k in clips[0]}
+    n = [len(c["video"]) for c in clips]
+    batch["video_index"] = torch.repeat_interleave(torch.arange(len(clips)), torch.tensor(n))
+    batch["keys"] = keys
+    return batch
+
+
+def clip_rng(seed: int, epoch: int, cycle: int, key: str) -> np.random.Generator:
+    """Clip-sampling generator of one video occurrence; independent of the reading history."""
+    return np.random.default_rng([seed, epoch, cycle, zlib.crc32(key.encode("utf-8"))])
+
+
+# --------------------------------------------------------------------------------------------------
+# Streams
+
+
+def shard_sequence(n: int, seed: int, epoch: int, offset: int, stride: int) -> Iterator[tuple[int, int]]:
+    """Endless ``(cycle, shard position)`` at global positions offset, offset+stride, ... of
+    ``perm(epoch, 0) ‖ perm(epoch, 1) ‖ ...``."""
+    pos = offset
+    cycle = -1
+    perm = np.empty(0, dtype=np.int64)
+    while True:
+        c, i = divmod(pos, n)
+        if c != cycle:
+            cycle = c
+            perm = np.random.default_rng([seed, epoch, cycle, 0x5A4D]).permutation(n)
+        yield cycle, int(perm[i])
+        pos += stride
+
+
+class ClipStream(IterableDataset):
+    """Batches of one rank for one epoch (see the module docstring for the order).
+
+    Each item: video (B·P, D2+D3) f32, audio (B·P, n_mels, F) f16, nframes i64, text (B·P, W, Dw) f16,
+    text_len i64, audio_mask bool, video_index i64, start/end f64, keys list[str], counts dict
+    (counter increments since this worker's previous batch).
+    """
+
+    def __init__(self, cfg: DataConfig, shards: list[ShardInfo], *, batch_size: int, epoch: int,
+                 n_batches: int, rank: int = 0, world_size: int = 1, skip_batches: int = 0, n_mels: int = 40):
+        if not shards:
+            raise ValueError("no complete feature shards (done records for all four fields) to read")
+        if sum(s.n_usable for s in shards) == 0:
+            raise ValueError("the done records list no video usable for training")
+        self.cfg, self.shards = cfg, shards
+        self.batch_size, self.epoch, self.n_batches = batch_size, epoch, n_batches
+        self.rank, self.world_size, self.skip = rank, world_size, skip_batches
+        self.n_mels = n_mels
+
+    def __len__(self) -> int:
+        return self.n_batches - self.skip
+
+    def _videos(self, worker: int, n_workers: int, counts: dict[str, int]) -> Iterator[VideoFeatures]:
+        cfg = self.cfg
+        n = len(self.shards)
+        stride = self.world_size * n_workers
+        offset = self.rank + self.world_size * worker
+        idle = 0
+        for cycle, pos in shard_sequence(n, cfg.seed, self.epoch, offset, stride):
+            found = False
+            for raw in zip_shard(self.shards[pos], counts):
+                v = decode_video(raw, counts)
+                if v is not None:
+                    v.cycle = cycle
+                    found = True
+                    yield v
+            idle = 0 if found else idle + 1
+            if idle > 2 * n + stride:
+                raise RuntimeError(f"data worker {worker} of rank {self.rank}: {idle} shards in a row gave "
+                                   "no usable video; the feature shards look unusable")
+
+    def _shuffled(self, worker: int, n_workers: int, counts: dict[str, int]) -> Iterator[VideoFeatures]:
+        size = self.cfg.shuffle_buffer
+        src = self._videos(worker, n_workers, counts)
+        if size <= 1:
+            yield from src
+            return
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker, 0xB0F])
+        buf: list[VideoFeatures] = []
+        for v in src:
+            if len(buf) < size:
+                buf.append(v)
+                continue
+            i = int(rng.integers(size))
+            out, buf[i] = buf[i], v
+            yield out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        loader_worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (loader_worker + self.skip) % n_workers  # logical id: keeps the round-robin aligned
+        quota = self.n_batches // n_workers + (worker < self.n_batches % n_workers)
+        skip = self.skip // n_workers + (worker < self.skip % n_workers)
+        counts = empty_counts()
+        videos = self._shuffled(worker, n_workers, counts)
+        for _ in range(skip):  # replay the skipped part of the epoch: read + decode, no clips
+            for _ in range(self.batch_size):
+                next(videos)
+        counts.update(empty_counts())  # counters of the replayed part were reported before the resume
+        for _ in range(skip, quota):
+            group = [next(videos) for _ in range(self.batch_size)]
+            seed, epoch = self.cfg.seed, self.epoch
+            clips = [build_clips(v, self.cfg, clip_rng(seed, epoch, v.cycle, v.key), self.n_mels)
+                     for v in group]
+            batch = collate(clips, [v.key for v in group])
+            counts["videos"] += len(group)
+            counts["clips"] += len(group) * self.cfg.n_pair
+            counts["no_audio"] += sum(v.audio is None for v in group)
+            batch["counts"] = dict(counts)
+            for k in counts:
+                counts[k] = 0
+            yield batch
+
+
+def make_loader(cfg: DataConfig, shards: list[ShardInfo], *, batch_size: int, epoch: int, n_batches: int,
+                rank: int = 0, world_size: int = 1, skip_batches: int = 0, n_mels: int = 40,
+                pin_memory: bool | None = None) -> DataLoader:
+    """DataLoader over one rank's epoch: ``n_batches - skip_batches`` batches of ``batch_size`` videos."""
+    ds = ClipStream(cfg, shards, batch_size=batch_size, epoch=epoch, n_batches=n_batches, rank=rank,
+                    world_size=world_size, skip_batches=skip_batches, n_mels=n_mels)
+    workers = max(0, int(cfg.num_workers))
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        kw = {"prefetch_factor": cfg.prefetch_factor, "multiprocessing_context": cfg.mp_context}
+    pin = cfg.pin_memory if pin_memory is None else pin_memory
+    pin = bool(pin and torch.cuda.is_available())
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, **kw)
+
+
+def add_counts(total: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
+    for k, v in delta.items():
+        total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+__all__ = [
+    "COUNTERS", "FIELDS", "ClipStream", "DataConfig", "ShardInfo", "VideoFeatures", "add_counts",
+    "batches_per_epoch", "build_clips", "clip_rng", "collate", "crop_audio", "decode_video", "empty_counts",
+    "list_shards", "make_loader", "merge_span", "merge_words", "pool_video", "shard_sequence", "zip_shard",
+]

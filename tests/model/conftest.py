@@ -1,0 +1,205 @@
+"""Fixtures: tiny feature shards in the docs/formats.md layout, written with webdataset's TarWriter.
+
+Dims are tiny (2D 16, 3D 16 → video 32; 40 mels; words 8-d) so tests run in seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+D2, D3, DW, N_MELS, MAX_WORDS = 16, 16, 8, 40, 20
+FIELDS = ("video2d", "video3d", "audio", "text")
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass
+class FakeVideo:
+    """Features of one synthetic video; ``status`` per field ("ok", "failed", "no_audio", "no_captions")."""
+
+    key: str
+    duration: float = 30.0
+    captions: list[dict] = field(default_factory=list)
+    video2d: np.ndarray | None = None  # (T2, D2) float16
+    video3d: np.ndarray | None = None  # (T3, D3) float16
+    audio: np.ndarray | None = None  # (Ta, 40) float16
+    words: np.ndarray | None = None  # (N, 20, DW) float16
+    lengths: np.ndarray | None = None  # (N,) int32
+    status: dict[str, str] = field(default_factory=lambda: {f: "ok" for f in FIELDS})
+    corrupt: dict[str, str] = field(default_factory=dict)  # field → member whose bytes are garbage
+
+
+def l2rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float16)
+
+
+_LATENT = 6
+_MIX = {name: np.random.default_rng(99 + i).standard_normal((_LATENT, dim))
+        for i, (name, dim) in enumerate((("video2d", D2), ("video3d", D3), ("audio", N_MELS), ("text", DW)))}
+
+
+def random_video(key: str, rng: np.random.Generator, duration: float = 30.0, n_captions: int = 8,
+                 structured: bool = False) -> FakeVideo:
+    """A video with ``n_captions`` captions of 1–4 s laid out over ``duration`` seconds.
+
+    ``structured``: every stream of the video is a fixed linear map of one per-video latent vector plus
+    noise, so that the modalities of a video agree (a model can learn to match them).
+    """
+    t = 0.5
+    caps = []
+    for i in range(n_captions):
+        d = float(rng.uniform(1.0, 4.0))
+        caps.append({"start": round(t, 2), "end": round(min(t + d, duration), 2), "text": f"words {i}"})
+        t = min(t + d + float(rng.uniform(0.0, 1.0)), duration - 1.0)
+    lengths = rng.integers(1, 7, size=n_captions).astype(np.int32)
+    words = np.zeros((n_captions, MAX_WORDS, DW), dtype=np.float16)
+    for i, n in enumerate(lengths):
+        words[i, :n] = rng.standard_normal((n, DW))
+    v2 = np.abs(rng.standard_normal((int(duration * 1.0), D2)))
+    v3 = np.abs(rng.standard_normal((int(duration * 1.5), D3)))
+    audio = rng.standard_normal((int(duration * 100), N_MELS)) * 10 - 40
+    if structured:
+        z = rng.standard_normal(_LATENT)
+        v2 = z @ _MIX["video2d"] + 0.3 * v2
+        v3 = z @ _MIX["video3d"] + 0.3 * v3
+        audio = (z @ _MIX["audio"]) * 10 - 40 + 0.3 * (audio + 40)
+        for i, n in enumerate(lengths):
+            words[i, :n] = z @ _MIX["text"] + 0.3 * words[i, :n].astype(np.float64)
+    return FakeVideo(
+        key=key, duration=duration, captions=caps, video2d=l2rows(v2), video3d=l2rows(v3),
+        audio=audio.astype(np.float16), words=words, lengths=lengths,
+    )
+
+
+def _meta(v: FakeVideo, f: str) -> dict:
+    status = v.status[f]
+    arr = {"video2d": v.video2d, "video3d": v.video3d, "audio": v.audio, "text": v.words}[f]
+    meta = {
+        "id": v.key, "field": f, "status": status, "error": "boom" if status == "failed" else None,
+        "extractor": "fake", "version": "0", "weights": None, "random_weights": True,
+        "rate": {"video2d": 1.0, "video3d": 1.5, "audio": 100.0, "text": None}[f],
+        "dim": None if arr is None else int(arr.shape[-1]), "dtype": "float16",
+        "shape": None if (arr is None or status != "ok") else list(arr.shape), "duration": v.duration,
+    }
+    if f == "text" and status == "ok":
+        meta["captions"] = v.captions
+    return meta
+
+
+def write_shard(root: Path, index: int, videos: list[FakeVideo],
+                drop: dict[str, set[str]] | None = None) -> None:
+    """Write the four field tars + done records of one shard (``drop``: field → keys left out)."""
+    drop = drop or {}
+    for f in FIELDS:
+        d = root / f
+        d.mkdir(parents=True, exist_ok=True)
+        tar = d / f"shard-{index:06d}.tar"
+        with wds.TarWriter(str(tar)) as w:
+            for v in videos:
+                if v.key in drop.get(f, set()):
+                    continue
+                sample: dict = {"__key__": v.key, "json": json.dumps(_meta(v, f)).encode()}
+                if v.status[f] == "ok":
+                    if f == "text":
+                        sample["words.npy"] = npy(v.words)
+                        sample["lengths.npy"] = npy(v.lengths)
+                    else:
+                        sample["feat.npy"] = npy(getattr(v, f))
+                for member in list(sample):
+                    if v.corrupt.get(f) == member:
+                        sample[member] = b"\x93NUMPY garbage" + b"\x00" * 40
+                w.write(sample)
+        write_done_record(tar, index, f, videos)
+
+
+def write_done_record(tar: Path, index: int, f: str, videos: list[FakeVideo]) -> None:
+    data = tar.read_bytes()
+    rec = {
+        "shard": index, "field": f, "fingerprint": "test", "n_videos": len(videos),
+        "n_ok": sum(v.status[f] == "ok" for v in videos),
+        "n_failed": sum(v.status[f] == "failed" for v in videos),
+        "videos": [{"id": v.key, "status": v.status[f], "error": None} for v in videos],
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "created": "2024-01-01T00:00:00Z",
+    }
+    tar.with_suffix(".json").write_text(json.dumps(rec))
+
+
+def corrupt_tar_middle(tar: Path) -> None:
+    """Overwrite the header of a member in the middle of a tar with garbage (size unchanged)."""
+    with tarfile.open(tar) as t:
+        offsets = [m.offset for m in t.getmembers()]
+    data = bytearray(tar.read_bytes())
+    off = offsets[len(offsets) // 2]
+    data[off: off + 512] = b"\xff" * 512
+    tar.write_bytes(bytes(data))
+
+
+def make_features(root: Path, *, n_shards: int = 3, per_shard: int = 4, seed: int = 0,
+                  specials: bool = True, duration: float = 30.0,
+                  structured: bool = False) -> dict[str, list[str]]:
+    """Write ``n_shards`` shards of ``per_shard`` videos under ``root`` (= WS/features).
+
+    With ``specials``: shard 0 holds one no_audio video, one no_captions video and one video that
+    failed in every field; shard 1 one video with a corrupted video3d npy; an extra last shard whose
+    audio tar is corrupted in the middle. Returns the keys by kind ("ok", "no_audio", ...).
+    """
+    rng = np.random.default_rng(seed)
+    kinds: dict[str, list[str]] = {"ok": [], "no_audio": [], "no_captions": [], "failed": [], "corrupt": [],
+                                   "corrupt_shard": []}
+    for s in range(n_shards):
+        videos = []
+        for i in range(per_shard):
+            v = random_video(f"vid-{s:02d}-{i:02d}", rng, duration=duration, structured=structured)
+            kind = "ok"
+            if specials and s == 0 and i == 1:
+                v.status["audio"], v.audio, kind = "no_audio", None, "no_audio"
+            elif specials and s == 0 and i == 2:
+                v.status["text"], v.words, v.lengths, v.captions = "no_captions", None, None, []
+                kind = "no_captions"
+            elif specials and s == 0 and i == 3:
+                v.status = {f: "failed" for f in FIELDS}
+                v.video2d = v.video3d = v.audio = v.words = v.lengths = None
+                kind = "failed"
+            elif specials and s == 1 and i == 0:
+                v.corrupt["video3d"], kind = "feat.npy", "corrupt"
+            kinds[kind].append(v.key)
+            videos.append(v)
+        write_shard(root, s, videos)
+    if specials:
+        s = n_shards
+        videos = [random_video(f"vid-{s:02d}-{i:02d}", rng, duration=duration) for i in range(per_shard)]
+        write_shard(root, s, videos)
+        tar = root / "audio" / f"shard-{s:06d}.tar"
+        corrupt_tar_middle(tar)
+        write_done_record(tar, s, "audio", videos)
+        kinds["corrupt_shard"] = [v.key for v in videos]
+    return kinds
+
+
+@pytest.fixture(scope="session")
+def feature_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    """WS/features with 3 regular shards of 4 videos + one corrupted shard (see make_features)."""
+    root = tmp_path_factory.mktemp("ws") / "features"
+    kinds = make_features(root)
+    return root, kinds
+
+
+@pytest.fixture(scope="session")
+def train_feature_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WS/features of 4 shards × 4 ordinary, learnable (structured) videos for training tests."""
+    root = tmp_path_factory.mktemp("ws_train") / "features"
+    make_features(root, n_shards=4, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
+    return root

@@ -1,0 +1,295 @@
+"""Clip building from hand-made features, and shard reading from the fixture shards."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.data import (
+    DataConfig, VideoFeatures, add_counts, batches_per_epoch, build_clips, clip_rng, crop_audio, empty_counts,
+    list_shards, make_loader, merge_span, merge_words, pool_video, shard_sequence,
+)
+
+from .conftest import D2, D3, DW, N_MELS, FakeVideo, random_video, write_done_record, write_shard
+
+STARTS = np.array([0.0, 3.0, 5.0, 12.0, 20.0])
+ENDS = np.array([2.0, 4.0, 9.0, 15.0, 30.0])
+
+
+# ------------------------------------------------------------------------------------------------ pure
+
+
+@pytest.mark.parametrize("ind, expected", [(1, (0, 3)), (3, (2, 3)), (4, (4, 4)), (0, (0, 3)), (2, (0, 3))])
+def test_merge_span_follows_reference_rule(ind: int, expected: tuple[int, int]) -> None:
+    # ind 1: prev gives span 4 < next 6 → first 0; then only next: 9 < 10, 15 ≥ 10 → (0, 3)
+    # ind 3: next span 18 > prev span 10 → prev → span 10 → (2, 3);  ind 4: alone spans 10 → (4, 4)
+    # ind 2: next span 10 > prev span 6 → (1, 2) → span 6; prev span 9 < next 12 → (0, 2) → 9;
+    # then (0, 3)
+    first, last = merge_span(STARTS, ENDS, ind, 10.0)
+    assert (first, last) == expected
+    assert ENDS[last] - STARTS[first] >= 10.0
+
+
+def test_merge_span_stops_when_all_captions_merged() -> None:
+    assert merge_span(np.array([0.0, 2.0]), np.array([1.0, 3.0]), 1, 10.0) == (0, 1)
+
+
+def test_pool_video_exact_rows_and_norm() -> None:
+    rows = np.arange(30, dtype=np.float16).reshape(10, 3) % 7
+    # fps 1: int(2.4) = 2 .. int(5.1) + 1 = 6 → rows 2, 3, 4, 5
+    expected = np.stack([rows[2], rows[3], rows[4], rows[5]]).astype(np.float32).max(axis=0)
+    got = pool_video(rows, 2.4, 5.1, 1.0)
+    np.testing.assert_allclose(got, expected / np.linalg.norm(expected), rtol=1e-6)
+    assert got.dtype == np.float32
+    # fps 1.5: int(3.6) = 3 .. int(7.65) + 1 = 8 → rows 3..7
+    expected = rows[3:8].astype(np.float32).max(axis=0)
+    got = pool_video(rows, 2.4, 5.1, 1.5)
+    np.testing.assert_allclose(got, expected / np.linalg.norm(expected), rtol=1e-6)
+
+
+def test_pool_video_empty_slice_gives_zeros() -> None:
+    rows = np.ones((10, 4), dtype=np.float16)
+    np.testing.assert_array_equal(pool_video(rows, 20.0, 25.0, 1.0), np.zeros(4, dtype=np.float32))
+    np.testing.assert_array_equal(pool_video(np.zeros((0, 4), np.float16), 0.0, 5.0, 1.0), np.zeros(4))
+
+
+def test_crop_audio_pad_crop_and_nframes() -> None:
+    mel = (np.arange(500 * 40) % 1000).reshape(500, 40).astype(np.float16)
+    out, n = crop_audio(mel, 1.0, 2.5, 100.0, 200)  # rows 100:250 → 150 frames, zero-padded
+    assert out.shape == (40, 200) and n == 150
+    np.testing.assert_array_equal(out[:, :150], mel[100:250].T)
+    assert not out[:, 150:].any()
+    out, n = crop_audio(mel, 0.0, 4.0, 100.0, 200)  # rows 0:400 cropped to 200
+    assert n == 200
+    np.testing.assert_array_equal(out, mel[:200].T)
+    out, n = crop_audio(mel, 4.5, 6.0, 100.0, 200)  # past the end of the audio: 50 frames
+    assert n == 50
+    np.testing.assert_array_equal(out[:, :50], mel[450:500].T)
+    out, n = crop_audio(None, 0.0, 10.0, 100.0, 200, n_mels=40)
+    assert n == 0 and out.shape == (40, 200) and not out.any()
+
+
+def test_merge_words_appends_and_truncates() -> None:
+    words = np.zeros((3, 20, 2), dtype=np.float16)
+    lengths = np.array([3, 15, 6])
+    for i in range(3):
+        words[i, : lengths[i], 0] = i + 1
+        words[i, : lengths[i], 1] = np.arange(lengths[i])
+    out, n = merge_words(words, lengths, 0, 2, 20)
+    assert n == 20  # 3 + 15 + 2 of 6
+    np.testing.assert_array_equal(out[:, 0], [1] * 3 + [2] * 15 + [3] * 2)
+    np.testing.assert_array_equal(out[18:, 1], [0, 1])
+    out, n = merge_words(words, lengths, 2, 2, 20)
+    assert n == 6 and not out[6:].any()
+
+
+def _hand_video() -> VideoFeatures:
+    rng = np.random.default_rng(3)
+    n = len(STARTS)
+    words = np.zeros((n, 20, DW), dtype=np.float16)
+    lengths = np.array([2, 5, 7, 9, 4])
+    for i, k in enumerate(lengths):
+        words[i, :k] = rng.standard_normal((k, DW))
+    return VideoFeatures(
+        key="hand", video2d=np.abs(rng.standard_normal((31, D2))).astype(np.float16),
+        video3d=np.abs(rng.standard_normal((46, D3))).astype(np.float16),
+        audio=rng.standard_normal((3000, N_MELS)).astype(np.float16), words=words, lengths=lengths,
+        starts=STARTS, ends=ENDS,
+    )
+
+
+def test_build_clips_matches_naive_computation() -> None:
+    v = _hand_video()
+    cfg = DataConfig(n_pair=12, min_time=10.0, audio_frames=600, max_words=20)
+    c = build_clips(v, cfg, np.random.default_rng(0))
+    assert c["video"].shape == (12, D2 + D3) and c["audio"].shape == (12, N_MELS, 600)
+    assert c["text"].shape == (12, 20, DW) and c["audio_mask"].all()
+    spans = {(0.0, 15.0), (5.0, 15.0), (20.0, 30.0), (3.0, 15.0)}
+    for p in range(12):
+        s, e = float(c["start"][p]), float(c["end"][p])
+        assert (s, e) in spans and e - s >= 10.0
+        first, last = int(np.searchsorted(STARTS, s)), int(np.searchsorted(ENDS, e))
+        # naive pooled video
+        for off, rows, fps in ((0, v.video2d, 1.0), (D2, v.video3d, 1.5)):
+            idx = [i for i in range(len(rows)) if int(s * fps) <= i <= int(e * fps)]
+            ref = np.max(rows[idx].astype(np.float32), axis=0)
+            got = c["video"][p, off:off + rows.shape[1]]
+            np.testing.assert_allclose(got, ref / np.linalg.norm(ref), rtol=1e-6)
+        # audio frames [s, e] at 100/s, cropped to 600
+        a0 = int(s * 100)
+        n = min(int(e * 100) - a0, 600)
+        assert c["nframes"][p] == n
+        np.testing.assert_array_equal(c["audio"][p, :, :n], v.audio[a0:a0 + n].T)
+        # words of captions first..last, in order
+        ref_words = np.concatenate([v.words[i, : v.lengths[i]] for i in range(first, last + 1)])[:20]
+        assert c["text_len"][p] == len(ref_words)
+        np.testing.assert_array_equal(c["text"][p, : len(ref_words)], ref_words)
+        assert not c["text"][p, len(ref_words):].any()
+
+
+def test_build_clips_no_audio_and_rng_determinism() -> None:
+    v = _hand_video()
+    v.audio = None
+    cfg = DataConfig(n_pair=5, audio_frames=100)
+    a = build_clips(v, cfg, clip_rng(1, 2, 0, "hand"))
+    b = build_clips(v, cfg, clip_rng(1, 2, 0, "hand"))
+    assert not a["audio_mask"].any() and not a["audio"].any() and not a["nframes"].any()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_shard_sequence_partitions_each_cycle() -> None:
+    n, world, workers = 5, 2, 2
+    seen = []
+    for rank in range(world):
+        for w in range(workers):
+            it = shard_sequence(n, 0, 3, rank + world * w, world * workers)
+            seen += [pos for cycle, pos in (next(it) for _ in range(5)) if cycle == 0]
+    assert sorted(seen) == list(range(n))  # cycle 0 visited exactly once over all ranks and workers
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def _epoch(root: Path, *, n_batches: int, batch_size: int = 2, workers: int = 0, skip: int = 0, rank: int = 0,
+           world: int = 1, epoch: int = 0, **kw) -> list[dict]:
+    kw.setdefault("shuffle_buffer", 3)
+    cfg = DataConfig(n_pair=3, audio_frames=120, num_workers=workers, **kw)
+    loader = make_loader(cfg, list_shards(root), batch_size=batch_size, epoch=epoch, n_batches=n_batches,
+                         rank=rank, world_size=world, skip_batches=skip, n_mels=N_MELS)
+    return list(loader)
+
+
+def test_list_shards_uses_done_records(feature_dir) -> None:
+    root, _ = feature_dir
+    shards = list_shards(root)
+    assert [s.index for s in shards] == [0, 1, 2, 3]
+    # shard 0: ok, no_audio usable; no_captions and failed not. Corruption is only seen when reading.
+    assert [s.n_usable for s in shards] == [2, 4, 4, 4]
+    assert batches_per_epoch(shards, 2, 1, DataConfig()) == 7
+    assert batches_per_epoch(shards, 4, 2, DataConfig()) == 1
+
+
+def test_list_shards_skips_incomplete_and_resized(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path, 0, [random_video("a", rng)])
+    write_shard(tmp_path, 1, [random_video("b", rng)])
+    write_shard(tmp_path, 2, [random_video("c", rng)])
+    (tmp_path / "text" / "shard-000001.json").unlink()  # text of shard 1 not done
+    with open(tmp_path / "audio" / "shard-000002.tar", "ab") as f:  # size differs from the record
+        f.write(b"\0" * 512)
+    assert [s.index for s in list_shards(tmp_path)] == [0]
+
+
+def test_reader_skips_and_counts(feature_dir) -> None:
+    root, kinds = feature_dir
+    batches = _epoch(root, n_batches=12)
+    counts = empty_counts()
+    keys: list[str] = []
+    for b in batches:
+        add_counts(counts, b["counts"])
+        keys += b["keys"]
+        assert b["video"].shape == (6, D2 + D3) and b["audio"].shape == (6, N_MELS, 120)
+        assert b["text"].shape == (6, 20, DW) and b["audio"].dtype == torch.float16
+        assert b["video_index"].tolist() == [0, 0, 0, 1, 1, 1]
+        for i, k in enumerate(b["keys"]):
+            clips = b["video_index"] == i
+            if k in kinds["no_audio"]:
+                assert not b["audio_mask"][clips].any() and not b["audio"][clips].any()
+                assert not b["nframes"][clips].any()
+            else:
+                assert b["audio_mask"][clips].all() and (b["nframes"][clips] > 0).all()
+    seen = set(keys)
+    bad = set(kinds["no_captions"] + kinds["failed"] + kinds["corrupt"])
+    assert not seen & bad
+    assert set(kinds["ok"] + kinds["no_audio"]) <= seen  # 24 videos over ~2 cycles of 12 usable ones
+    # the corrupted audio tar of the last shard: only samples before the damaged header survive
+    assert seen & set(kinds["corrupt_shard"]) <= {"vid-03-00", "vid-03-01"}
+    assert seen & set(kinds["corrupt_shard"])
+    assert counts["videos"] == 24 and counts["clips"] == 72
+    for k in ("skipped_no_captions", "skipped_failed", "corrupted_samples", "corrupted_shards", "no_audio"):
+        assert counts[k] >= 1, k
+    assert counts["key_mismatch"] == 0
+
+
+def test_reader_is_deterministic_and_resume_skips_exactly(feature_dir) -> None:
+    root, _ = feature_dir
+    full = _epoch(root, n_batches=7)
+    again = _epoch(root, n_batches=7)
+    assert [b["keys"] for b in full] == [b["keys"] for b in again]
+    for a, b in zip(full, again):
+        for k in ("video", "audio", "text", "nframes", "text_len"):
+            assert torch.equal(a[k], b[k])
+    resumed = _epoch(root, n_batches=7, skip=3)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:]]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(resumed, full[3:]))
+    other_epoch = _epoch(root, n_batches=7, epoch=1)
+    assert [b["keys"] for b in other_epoch] != [b["keys"] for b in full]
+
+
+def test_resume_skip_with_workers_keeps_round_robin(feature_dir) -> None:
+    root, _ = feature_dir
+    full = _epoch(root, n_batches=7, workers=2)
+    resumed = _epoch(root, n_batches=7, workers=2, skip=3)
+    assert len(full) == 7 and len(resumed) == 4
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:]]
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, full[3:]))
+
+
+def test_ranks_read_different_shards(feature_dir) -> None:
+    root, _ = feature_dir
+    # first video of each rank: from its first shard, G[0] and G[1] of the same permutation
+    r0 = _epoch(root, n_batches=1, batch_size=1, rank=0, world=2, shuffle_buffer=0)[0]["keys"][0]
+    r1 = _epoch(root, n_batches=1, batch_size=1, rank=1, world=2, shuffle_buffer=0)[0]["keys"][0]
+    assert r0[:6] != r1[:6]  # "vid-SS": different shards
+
+
+def test_key_mismatch_is_skipped_and_counted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    videos = [random_video(f"k{i}", rng) for i in range(4)]
+    write_shard(tmp_path, 0, videos, drop={"text": {"k1"}})
+    batches = _epoch(tmp_path, n_batches=3, batch_size=1, shuffle_buffer=0)
+    counts = empty_counts()
+    for b in batches:
+        add_counts(counts, b["counts"])
+    assert [k for b in batches for k in b["keys"]] == ["k0", "k2", "k3"]
+    assert counts["key_mismatch"] == 3  # one per field holding k1: video2d, video3d, audio
+
+
+def test_pickled_npy_is_rejected_not_loaded(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    good, evil = random_video("good", rng), random_video("evil", rng)
+    write_shard(tmp_path, 0, [evil, good])
+    # replace evil's video2d feat.npy with an object array (needs pickle to load)
+    import webdataset as wds
+
+    tar = tmp_path / "video2d" / "shard-000000.tar"
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with wds.TarWriter(str(tar)) as w:
+        for v, feat in ((evil, buf.getvalue()), (good, None)):
+            meta = {"id": v.key, "field": "video2d", "status": "ok", "error": None}
+            if feat is None:
+                b2 = io.BytesIO()
+                np.save(b2, v.video2d)
+                feat = b2.getvalue()
+            w.write({"__key__": v.key, "json": json.dumps(meta).encode(), "feat.npy": feat})
+    write_done_record(tar, 0, "video2d", [evil, good])
+    batches = _epoch(tmp_path, n_batches=2, batch_size=1)
+    counts = empty_counts()
+    for b in batches:
+        add_counts(counts, b["counts"])
+    assert {k for b in batches for k in b["keys"]} == {"good"}
+    assert counts["corrupted_samples"] >= 1
+
+
+def test_no_usable_video_is_an_error(tmp_path: Path) -> None:
+    v = FakeVideo(key="x", status={f: "failed" for f in ("video2d", "video3d", "audio", "text")})
+    write_shard(tmp_path, 0, [v])
+    with pytest.raises(ValueError, match="usable"):
+        _epoch(tmp_path, n_batches=1)
