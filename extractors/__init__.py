@@ -1,54 +1,36 @@
 """Feature extractors: a small registered contract (``FeatureExtractor``) and the built-in models.
 
-Importing the package registers ``resnet152_2d`` (video2d), ``resnext101_3d`` (video3d), ``logmel``
-(audio), ``word2vec`` and ``hf_tokens`` (text). Heavy back-ends (gensim, transformers) are imported
-only when those extractors are built.
+The built-ins are ``resnet152_2d`` (video2d), ``resnext101_3d`` (video3d), ``logmel`` (audio),
+``word2vec`` and ``hf_tokens`` (text); the registry imports them on first use. Attributes of this
+package are loaded lazily, so that decoding worker processes (which import ``extractors.decode``)
+do not pay for the model code.
 """
 
-from .base import (
-    FIELDS,
-    FeatureExtractor,
-    VisualConfig,
-    available,
-    create,
-    get_extractor,
-    register,
-    resolve_device,
-)
-from .logmel import LogMelConfig, LogMelExtractor
-from .resnet2d import ResNet152Config, ResNet152Extractor, resnet152_trunk
-from .resnext3d import ResNeXt3D, ResNeXt101Config, ResNeXt101Extractor, resnext101_3d, windows_from_frames
-from .text import HFTokensConfig, HFTokensExtractor, Word2VecConfig, Word2VecExtractor, minilm_path, tokenize
-from .weights import MissingWeightsError, WeightsRef, file_sha256, load_state_dict_file, resolve_weights
+from __future__ import annotations
 
-__all__ = [
-    "FIELDS",
-    "FeatureExtractor",
-    "HFTokensConfig",
-    "HFTokensExtractor",
-    "LogMelConfig",
-    "LogMelExtractor",
-    "MissingWeightsError",
-    "ResNeXt101Config",
-    "ResNeXt101Extractor",
-    "ResNeXt3D",
-    "ResNet152Config",
-    "ResNet152Extractor",
-    "VisualConfig",
-    "WeightsRef",
-    "Word2VecConfig",
-    "Word2VecExtractor",
-    "available",
-    "create",
-    "file_sha256",
-    "get_extractor",
-    "load_state_dict_file",
-    "minilm_path",
-    "register",
-    "resnet152_trunk",
-    "resnext101_3d",
-    "resolve_device",
-    "resolve_weights",
-    "tokenize",
-    "windows_from_frames",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "extractors.base": ("FIELDS", "FeatureExtractor", "VisualConfig", "available", "create", "get_extractor",
+                        "register", "resolve_device"),
+    "extractors.logmel": ("LogMelConfig", "LogMelExtractor"),
+    "extractors.resnet2d": ("ResNet152Config", "ResNet152Extractor", "resnet152_trunk"),
+    "extractors.resnext3d": ("ResNeXt3D", "ResNeXt101Config", "ResNeXt101Extractor", "resnext101_3d",
+                             "windows_from_frames"),
+    "extractors.text": ("HFTokensConfig", "HFTokensExtractor", "Word2VecConfig", "Word2VecExtractor",
+                        "minilm_path", "tokenize"),
+    "extractors.weights": ("MissingWeightsError", "WeightsRef", "file_sha256", "load_state_dict_file",
+                           "resolve_weights"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'extractors' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -96,8 +96,20 @@ def register(cls: E) -> E:
     return cls
 
 
+BUILTIN_MODULES = ("extractors.resnet2d", "extractors.resnext3d", "extractors.logmel", "extractors.text")
+
+
+def _load_builtins() -> None:
+    """Import the built-in extractor modules (they register themselves); cheap after the first call."""
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
 def get_extractor(name: str) -> type[FeatureExtractor]:
     """The extractor class registered under ``name``; KeyError listing the known names otherwise."""
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -108,6 +120,7 @@ def available(field: str | None = None) -> list[str]:
     """Sorted names of the registered extractors, optionally only those of one field."""
     if field is not None and field not in FIELDS:
         raise ValueError(f"unknown field {field!r}, expected one of {FIELDS}")
+    _load_builtins()
     return sorted(n for n, c in _REGISTRY.items() if field is None or c.field == field)
 
 

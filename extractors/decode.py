@@ -624,3 +624,9 @@ def decode_audio(path: str | os.PathLike[str], cfg: DecodeConfig, workdir: Path)
         out.unlink(missing_ok=True)
         raise NoAudioError("audio stream decoded to 0 samples")
     return np.memmap(out, dtype="<f4", mode="r", shape=(size // 4,))
+
+
+def visual_task(task: tuple[str, DecodeConfig]) -> Iterator[VisualChunk]:
+    """Worker-pool entry point: ``(path, cfg)`` → the chunks of ``iter_visual``."""
+    path, cfg = task
+    yield from iter_visual(path, cfg)

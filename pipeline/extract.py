@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from extractors import FeatureExtractor, create, get_extractor
-from extractors.decode import DecodeConfig, DecodeError, NoAudioError, decode_audio, iter_visual
+from extractors.decode import DecodeConfig, DecodeError, NoAudioError, decode_audio, visual_task
 from extractors.resnext3d import windows_from_frames
 from extractors.workers import WorkerConfig, WorkerPool
 from pipeline.configtools import to_dict
@@ -103,11 +103,6 @@ class _Batcher:
         self.pending = [(v, r) for v, r in self.pending if v != video]
         self.n_pending = sum(len(r) for _, r in self.pending)
         self.outputs.pop(video, None)
-
-
-def _decode_task(task: tuple[str, DecodeConfig]):  # top level: runs in spawned workers
-    path, cfg = task
-    yield from iter_visual(path, cfg)
 
 
 class ExtractStage:
@@ -200,7 +195,7 @@ class ExtractStage:
         carry: dict[int, np.ndarray] = {}
         errors: dict[int, str] = {}
         tasks = [(str(self.videos_root / r.path), self.cfg.decode) for r in records]
-        with WorkerPool(_decode_task, self.cfg.workers) as pool:
+        with WorkerPool(visual_task, self.cfg.workers) as pool:
             for ev in pool.run(tasks):
                 i = ev.task_index
                 if ev.kind == "item":
