@@ -1,0 +1,387 @@
+"""Zero-shot step localization of a trained MCN on a workspace's feature shards (SPEC §6).
+
+CrossTask protocol, per annotated video whose features are in the shards:
+
+1. **One input per second.** ``t = 0 .. T-1`` with ``T`` = the number of 2D rows (1 row/s). The video
+   vector of second ``t`` is ``2D row t ‖ 3D rows of that second``, each part L2-normalised as in
+   training (:func:`model.data.pool_video`): the 3D part max-pools the rows whose time span
+   ``[i/fps3, (i+1)/fps3)`` meets ``[t, t+1)``, i.e. ``pool_video(rows3d, t, t + 1 - 1e-6, fps3)`` =
+   rows ``int(fps3·t) .. int(fps3·(t+1) - ε)`` (1.5 rows/s: seconds 0, 1, 2, 3 get rows {0,1}, {1,2},
+   {3,4}, {4,5}). A second beyond the last 3D row takes the last 3D row (3D extraction can end up to
+   one window before the 2D one); a video without any 3D row is not usable.
+   The audio of second ``t`` is the log-mel window of ``audio_window_s`` seconds centred on the middle
+   of the second: :func:`model.data.crop_audio` from ``max(0, t + 0.5 - w/2)`` to ``t + 0.5 + w/2``,
+   ``round(w·rate)`` frames (800 for 8 s), zero-padded, ``nframes`` = the frames really there. The
+   window is truncated, not shifted, at the start and at the end of the audio.
+2. **Embeddings** with ``model.embed_video`` / ``model.embed_audio`` (eval mode), in batches. The step
+   texts of the video's task go through the text extractor and ``model.embed_text`` once per task.
+3. **Scores** ``(T, S)``: ``text · (video + audio)`` (dot products, no normalisation, as retrieval).
+   The audio term is dropped for a whole video whose audio status is ``no_audio`` and for the seconds
+   whose window holds no audio frame (audio shorter than the video).
+4. **Placement** by :func:`evaluation.localization.ordered_step_assignment`: each step once, in the
+   task's order, at strictly increasing seconds. Mining YouTube (``mining_youtube=True``): log-softmax
+   over the steps at each second first.
+5. **Recall** by :func:`evaluation.localization.crosstask_recall`: per video, then per task, then over
+   tasks. Mining YouTube passes ``task_of=None`` (a plain mean over videos, as the reference did).
+
+Steps without any known word (the extractor returns length 0) are never embedded as a zero vector:
+they are left out of the placement (the other steps are placed in order among themselves, and for
+Mining YouTube the log-softmax runs over the known steps only), their predicted second is ``-1`` and
+an annotated one counts as a miss; each such step is named once in ``problems``.
+
+Annotated videos without usable features (absent from the shards, or failed / corrupted visual
+features) are counted in ``n_missing_features``, named in ``problems`` and left out of the recall (the
+reference evaluated the videos it had features for). Videos of a task without a step list likewise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation.annotations import StepAnnotations
+from evaluation.localization import crosstask_recall, ordered_step_assignment
+from model.data import crop_audio, empty_counts, list_shards, pool_video, zip_shard
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PROTOCOL",
+    "SecondInputs",
+    "TaskSteps",
+    "audio_windows",
+    "embed_seconds",
+    "embed_task_steps",
+    "localize",
+    "per_second_video",
+    "step_scores",
+]
+
+TextExtractor = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+PROTOCOL = (
+    "zero-shot; per second t: video = L2(2D row t) ‖ L2(max of the 3D rows meeting [t, t+1)), audio = "
+    "log-mel window of {window:g} s centred on t+0.5; score = text·(video+audio) (audio term dropped "
+    "without audio); {softmax}steps placed once each, in order, by DP; recall = placed second inside "
+    "a ground-truth interval, averaged per video, {average}"
+)
+_MAX_LISTED = 10
+_EPS = 1e-6
+
+
+@dataclass
+class SecondInputs:
+    """Model inputs of one video, one row per second.
+
+    video (T, D2+D3) float32; mel (Ta, n_mels) log-mel frames or None (no audio).
+    """
+
+    key: str
+    video: np.ndarray
+    mel: np.ndarray | None
+
+
+@dataclass
+class TaskSteps:
+    """Embedded step texts of one task. emb (S_known, D) float32 rows of the known steps;
+    known (S,) bool; names (S,) the step texts."""
+
+    names: tuple[str, ...]
+    emb: np.ndarray
+    known: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-second inputs
+
+
+def per_second_video(video2d: np.ndarray, video3d: np.ndarray, fps_3d: float = 1.5) -> np.ndarray:
+    """One video vector per second: (T2, D2), (T3, D3) → (T2, D2 + D3) float32, T2 ≥ 0, T3 ≥ 1.
+
+    Row ``t`` = ``pool_video(video2d, t, t + 1 - 1e-6, 1)`` (= L2(2D row t)) ‖
+    ``pool_video(video3d, t, t + 1 - 1e-6, fps_3d)`` (L2 of the max over the 3D rows whose span meets
+    ``[t, t+1)``); a second past the last 3D row uses the last 3D row.
+    """
+    if video3d.shape[0] == 0:
+        raise ValueError("video3d has no row")
+    t_len, d2 = video2d.shape
+    out = np.zeros((t_len, d2 + video3d.shape[1]), dtype=np.float32)
+    last3 = video3d.shape[0] - 1
+    for t in range(t_len):
+        end = t + 1 - _EPS
+        out[t, :d2] = pool_video(video2d, t, end, 1.0)
+        if int(t * fps_3d) <= last3:
+            out[t, d2:] = pool_video(video3d, t, end, fps_3d)
+        else:
+            out[t, d2:] = pool_video(video3d[last3:], 0.0, 0.0, 1.0)
+    return out
+
+
+def audio_windows(mel: np.ndarray, seconds: np.ndarray, window_s: float = 8.0,
+                  rate: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """Log-mel windows centred on the middle of each second.
+
+    mel (Ta, n_mels), seconds (B,) ints → ((B, n_mels, round(window_s·rate)) float16, (B,) int64 frames
+    really present): ``crop_audio(mel, max(0, t + 0.5 - w/2), t + 0.5 + w/2, rate, frames)``.
+    """
+    frames = int(round(window_s * rate))
+    out = np.zeros((len(seconds), mel.shape[1], frames), dtype=np.float16)
+    nframes = np.zeros(len(seconds), dtype=np.int64)
+    for i, t in enumerate(seconds):
+        centre = float(t) + 0.5
+        start, end = max(0.0, centre - window_s / 2), centre + window_s / 2
+        out[i], nframes[i] = crop_audio(mel, start, end, rate, frames)
+    return out, nframes
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, window_s: float = 8.0,
+                  audio_rate: float = 100.0, batch_size: int = 256,
+                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per-second embeddings of one video.
+
+    Returns video (T, D) float32, audio (T, D) float32 or None (no audio), audio_mask (T,) bool (True
+    where the second's window holds at least one audio frame; its audio row is meaningless otherwise).
+    """
+    device = torch.device(device)
+    t_len = inputs.video.shape[0]
+    video = [model.embed_video(torch.from_numpy(inputs.video[sl]).to(device)).float().cpu().numpy()
+             for sl in _batches(t_len, batch_size)]
+    v = np.concatenate(video) if video else np.zeros((0, model.config.embed_dim), np.float32)
+    mask = np.zeros(t_len, dtype=bool)
+    if inputs.mel is None:
+        return v, None, mask
+    audio = []
+    for sl in _batches(t_len, batch_size):
+        mel, nframes = audio_windows(inputs.mel, np.arange(sl.start, sl.stop), window_s, audio_rate)
+        mask[sl] = nframes > 0
+        a = model.embed_audio(torch.from_numpy(mel).float().to(device),
+                              torch.from_numpy(nframes).clamp(min=1).to(device))
+        audio.append(a.float().cpu().numpy())
+    return v, np.concatenate(audio), mask
+
+
+def embed_task_steps(model: torch.nn.Module, text_extractor: TextExtractor, steps: tuple[str, ...], *,
+                     device: torch.device | str = "cpu") -> TaskSteps:
+    """Embed the step texts of one task; steps with no known word are marked unknown (not embedded)."""
+    words, lengths = text_extractor(list(steps))
+    words = np.asarray(words)
+    lengths = np.asarray(lengths).reshape(-1)
+    if words.ndim != 3 or words.shape[0] != len(steps) or lengths.shape[0] != len(steps):
+        raise ValueError(f"text extractor returned words {words.shape} and lengths {lengths.shape} "
+                         f"for {len(steps)} texts (expected (N, W, D) and (N,))")
+    if words.shape[2] != model.config.text_dim:
+        raise ValueError(f"text extractor gives {words.shape[2]}-d word vectors, the model expects "
+                         f"{model.config.text_dim}-d (text_dim): use the extractor it was trained with")
+    known = lengths > 0
+    emb = np.zeros((0, model.config.embed_dim), dtype=np.float32)
+    if known.any():
+        t = torch.from_numpy(words[known].astype(np.float32)).to(torch.device(device))
+        emb = model.embed_text(t).float().cpu().numpy()
+    return TaskSteps(names=tuple(steps), emb=emb, known=known)
+
+
+def step_scores(video: np.ndarray, audio: np.ndarray | None, audio_mask: np.ndarray,
+                text: np.ndarray) -> np.ndarray:
+    """(T, D), (T, D) or None, (T,) bool, (S, D) → (T, S) float64 ``text · (video + audio)``,
+    the audio term only where ``audio_mask``."""
+    t = text.astype(np.float64)
+    scores = video.astype(np.float64) @ t.T
+    if audio is not None and audio_mask.any():
+        scores += np.where(audio_mask[:, None], audio.astype(np.float64) @ t.T, 0.0)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the shards
+
+
+def _npy(data: bytes) -> np.ndarray:
+    a = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu":
+        raise ValueError("not a 2-D numeric array")
+    return a
+
+
+def _decode_visual(key: str, raw: dict[str, dict[str, Any]], fps_3d: float, video_dim: int,
+                   n_mels: int) -> tuple[SecondInputs | None, str | None]:
+    """Per-second inputs of one zipped sample (text is not needed: ``no_captions`` is fine).
+
+    Returns (inputs, None), or (None, reason) when the visual features are unusable. Raises
+    ValueError when the feature sizes do not fit the model (a configuration error, not a bad video).
+    """
+    try:
+        meta = {f: json.loads(raw[f]["json"].decode("utf-8")) for f in ("video2d", "video3d", "audio")}
+        for f in ("video2d", "video3d"):
+            if meta[f].get("status") != "ok":
+                return None, f"{f} status {meta[f].get('status')!r}"
+        v2, v3 = _npy(raw["video2d"]["feat.npy"]), _npy(raw["video3d"]["feat.npy"])
+        mel = _npy(raw["audio"]["feat.npy"]) if meta["audio"].get("status") == "ok" else None
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, EOFError, OSError) as exc:
+        return None, f"corrupted sample ({type(exc).__name__}: {exc})"
+    if v2.shape[0] == 0 or v3.shape[0] == 0:
+        return None, f"no visual row (2D {v2.shape[0]}, 3D {v3.shape[0]})"
+    if v2.shape[1] + v3.shape[1] != video_dim:
+        raise ValueError(f"video {key}: 2D ({v2.shape[1]}) + 3D ({v3.shape[1]}) features do not match "
+                         f"the model's video_dim {video_dim}")
+    if mel is not None and mel.shape[1] != n_mels:
+        raise ValueError(f"video {key}: {mel.shape[1]} mel bands, the model expects {n_mels}")
+    return SecondInputs(key, per_second_video(v2, v3, fps_3d), mel), None
+
+
+def _iter_annotated(features_dir: Path, wanted: set[str], problems: list[str]
+                    ) -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
+    """(key, raw sample) of the wanted videos in every complete shard, first occurrence only."""
+    counts = empty_counts()
+    seen: set[str] = set()
+    for shard in list_shards(Path(features_dir)):
+        for raw in zip_shard(shard, counts):
+            key = raw["video2d"]["__key__"]
+            if key not in wanted:
+                continue
+            if key in seen:
+                problems.append(f"video {key}: found again in shard {shard.index:06d}; first copy used")
+                continue
+            seen.add(key)
+            yield key, raw
+    for name in ("key_mismatch", "corrupted_shards"):
+        if counts[name]:
+            problems.append(f"feature shards: {counts[name]} {name.replace('_', ' ')} (see the log)")
+
+
+def _listing(items: list[str]) -> str:
+    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+
+
+def localize(
+    model: torch.nn.Module,
+    features_dir: Path,
+    ann: StepAnnotations,
+    text_extractor: TextExtractor,
+    *,
+    mining_youtube: bool = False,
+    audio_window_s: float = 8.0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    fps_3d: float = 1.5,
+    audio_rate: float = 100.0,
+) -> dict[str, Any]:
+    """Step localization recall of ``model`` on the annotated videos found in ``features_dir``.
+
+    Args:
+        model: an MCN (``embed_video`` / ``embed_audio`` / ``embed_text``, ``config``); moved to ``device``.
+        features_dir: ``WS/features`` (docs/formats.md); only shards complete in all four fields are read.
+        ann: from ``parse_crosstask_annotations(..., tasks=...)`` or ``parse_mining_youtube``; the step
+            texts come from ``ann.task_steps``.
+        text_extractor: ``ex(list_of_str) -> (words (N, W, text_dim), lengths (N,))``, the one the
+            model was trained with.
+        mining_youtube: log-softmax over the steps before the DP, and recall averaged over all videos.
+        audio_window_s: length of the audio window around each second (8 s in the paper).
+
+    Returns:
+        The :func:`evaluation.localization.crosstask_recall` dict (``recall``, ``per_task``,
+        ``n_videos`` evaluated, ``per_task_videos``, ``n_missing_pred``, ``n_skipped``) plus
+        ``n_annotated``, ``n_missing_features``, ``n_no_audio`` (evaluated without the audio term),
+        ``n_without_steps`` (videos with features whose task has no step list: not evaluated),
+        ``n_unknown_steps`` (steps never placed for lack of a known word), ``predictions`` (video ->
+        list of predicted seconds, ``-1`` = not placed), ``protocol`` and ``problems`` (list[str]).
+    """
+    device = torch.device(device)
+    model = model.to(device)
+    problems: list[str] = []
+    wanted = set(ann.segments)
+    task_cache: dict[str, TaskSteps | None] = {}
+    pred: dict[str, list[int]] = {}
+    unusable: dict[str, str] = {}
+    no_steps: list[str] = []
+    n_no_audio = 0
+    video_dim = int(model.config.video_dim)
+
+    def task_steps(task: str) -> TaskSteps | None:
+        if task not in task_cache:
+            steps = ann.task_steps.get(task)
+            if not steps:
+                problems.append(f"task {task}: no step list (tasks file) — its videos are not evaluated")
+                task_cache[task] = None
+            else:
+                ts = embed_task_steps(model, text_extractor, tuple(steps), device=device)
+                for s in np.flatnonzero(~ts.known):
+                    message = (f"task {task} step {s + 1} {steps[s]!r}: no known word — never placed "
+                               f"(annotated occurrences count as misses)")
+                    problems.append(message)
+                    logger.warning("%s", message)
+                task_cache[task] = ts
+        return task_cache[task]
+
+    for key, raw in _iter_annotated(Path(features_dir), wanted, problems):
+        task = ann.task_of.get(key)
+        ts = task_steps(task) if task is not None else None
+        if ts is None:
+            no_steps.append(key)
+            continue
+        inputs, why = _decode_visual(key, raw, fps_3d, video_dim, int(model.config.n_mels))
+        if inputs is None:
+            unusable[key] = str(why)
+            continue
+        v, a, mask = embed_seconds(model, inputs, window_s=audio_window_s, audio_rate=audio_rate,
+                                   batch_size=batch_size, device=device)
+        if not mask.any():
+            n_no_audio += 1
+        scores = step_scores(v, a, mask, ts.emb)  # (T, S_known)
+        seconds = np.full(len(ts.names), -1, dtype=np.int64)
+        if ts.known.any():
+            seconds[ts.known] = ordered_step_assignment(scores, mining_youtube=mining_youtube)
+        pred[key] = seconds.tolist()
+
+    missing = sorted(wanted - set(pred) - set(no_steps) - set(unusable))
+    if missing:
+        problems.append(f"{len(missing)} annotated video(s) not in the feature shards: {_listing(missing)}")
+    if unusable:
+        problems.append(f"{len(unusable)} annotated video(s) without usable visual features: "
+                        + _listing([f"{k} ({why})" for k, why in sorted(unusable.items())]))
+    if not pred:
+        problems.append(f"no annotated video could be evaluated in {features_dir}")
+    for message in problems:
+        if "no known word" not in message:  # those were logged when found
+            logger.warning("%s", message)
+    gt = {k: ann.segments[k] for k in pred}
+    result: dict[str, Any] = dict(crosstask_recall(pred, gt, None if mining_youtube else ann.task_of))
+    result.update(
+        n_annotated=len(wanted),
+        n_missing_features=len(missing) + len(unusable),
+        n_no_audio=n_no_audio,
+        n_without_steps=len(no_steps),
+        n_unknown_steps=sum(int((~ts.known).sum()) for ts in task_cache.values() if ts is not None),
+        predictions=pred,
+        protocol=PROTOCOL.format(
+            window=audio_window_s,
+            softmax="log-softmax over the steps; " if mining_youtube else "",
+            average=("then over all videos (Mining YouTube)" if mining_youtube
+                     else "then per task, then over tasks"),
+        ),
+        problems=problems,
+    )
+    logger.info("step localization: recall %.4f over %d video(s) (%d missing features)",
+                result["recall"], result["n_videos"], result["n_missing_features"])
+    return result
