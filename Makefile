@@ -32,7 +32,7 @@ test-all: setup
 	$(BIN)/python -m pytest -m ''
 
 demo: setup
-	$(BIN)/mcn demo --workspace $(WORKSPACE)
+	$(BIN)/mcn demo --config configs/demo.yaml --workspace $(WORKSPACE)
 
 bench: setup
 	$(BIN)/python benchmarks/extract.py

@@ -156,6 +156,7 @@ def config_from_state_dict(state: Mapping[str, Tensor]) -> MCNConfig:
         davenet_blocks=tuple(blocks[s] for s in sorted(blocks)),
         davenet_kernel=kernel,
         recon_dim=recon_dim,
+        video_input_norm="video_input_norm.running_mean" in state,
     )
 
 

@@ -41,6 +41,10 @@ class MCNConfig:
     davenet_kernel: int = 9  # (1 × k) time kernels
     recon_dim: int = 1024  # hidden size of the reconstruction heads
     eval_pool_ratio: int | None = None
+    # Standardise the video input per dimension (BatchNorm1d without affine parameters) before
+    # GU_video. Not in the reference (default off, keys unchanged). Needed when the visual features
+    # come from random backbones, whose rows all point almost the same way (cosine ~0.9999).
+    video_input_norm: bool = False
 
     def __post_init__(self) -> None:
         self.davenet_widths = tuple(int(w) for w in self.davenet_widths)
@@ -143,6 +147,8 @@ class MCN(nn.Module):
         self.recon_v = _recon_head(cfg.embed_dim, cfg.recon_dim, cfg.video_dim)
         self.recon_a = _recon_head(cfg.embed_dim, cfg.recon_dim, cfg.davenet_dim)
         self.recon_t = _recon_head(cfg.embed_dim, cfg.recon_dim, cfg.embed_dim)
+        if cfg.video_input_norm:
+            self.video_input_norm = nn.BatchNorm1d(cfg.video_dim, affine=False)
 
     # ------------------------------------------------------------------ building blocks
     def _dtype(self) -> torch.dtype:
@@ -150,7 +156,10 @@ class MCN(nn.Module):
 
     def _video(self, video: Tensor) -> Tensor:
         """(B, video_dim) → (B, D)."""
-        return self.GU_video(video.to(self._dtype()))
+        video = video.to(self._dtype())
+        if self.config.video_input_norm:
+            video = self.video_input_norm(video)
+        return self.GU_video(video)
 
     def _text_pooled(self, text: Tensor) -> Tensor:
         """(B, N, text_dim) → (B, D) max-pooled word projections (the text reconstruction target)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pipeline.workspace import Workspace
 logger = logging.getLogger("mcn")
 
 EPILOG = """Overrides: any config value as section.key=value after the options, e.g.
-  mcn train --config configs/demo.yaml train.batch_size=64 train.optim.lr=3e-4"""
+  mcn train --config configs/demo.yaml train.batch_size=64 train.lr=3e-4"""
 
 
 class NotBuiltYet(Exception):
@@ -21,8 +22,8 @@ class NotBuiltYet(Exception):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", "-w", type=Path, default=Path("workspace"),
-                   help="workspace folder (default: ./workspace)")
+    p.add_argument("--workspace", "-w", type=Path, default=Path(os.environ.get("MCN_WORKSPACE", "workspace")),
+                   help="workspace folder (default: $MCN_WORKSPACE or ./workspace)")
     p.add_argument("--config", "-c", type=Path, default=None, help="YAML preset, e.g. configs/demo.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
@@ -79,15 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _common(p)
 
-    for name, text in (
-        ("train", "train the MCN heads on the extracted features"),
-        ("evaluate", "zero-shot retrieval and localization metrics and the report"),
-        ("run", "all stages in order (scan, extract, train, evaluate)"),
-    ):
-        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p)
+    p = sub.add_parser("train", help="train the MCN heads on the extracted features",
+                       description="Train MCN (MMS contrastive + online k-means clustering + reconstruction) on "
+                       "WS/features into WS/runs/<name>/ (config.yaml, checkpoints/, logs/train.jsonl, TensorBoard). "
+                       "Multi-GPU/multi-node: torchrun --nproc_per_node=N -m pipeline.cli train ...",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default=None, help="run name (default: evaluate.run of the config, 'default')")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path: continue exactly")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights only (our checkpoint or the reference e{N}.pth)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="zero-shot retrieval metrics and the report",
+                       description="Embed an evaluation set's clips with a checkpoint and write "
+                       "WS/eval/<set>/metrics.json, report.html and embeddings. Sets are configured under "
+                       "evaluate.sets (kinds: captions, youcook2, msrvtt); 'workspace' uses the main "
+                       "workspace's own captions; --videos DIR defines a captions set on the fly.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: latest of the run)")
+    p.add_argument("--set", dest="set_name", default=None, help="evaluation set name (default: every configured set)")
+    p.add_argument("--videos", type=Path, default=None, help="ad-hoc set: a folder of captioned videos")
+    _common(p)
+
+    p = sub.add_parser("run", help="all stages in order (scan, extract, train, evaluate)",
+                       description="scan -> extract -> train -> evaluate, skipping what is done and fresh: "
+                       "extraction skips done shards, training resumes from its latest checkpoint (a finished "
+                       "run is not retrained), evaluation sets are extracted once. Killed at any point and run "
+                       "again with the same command, it finishes with the same result.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=Path, required=True, help="folder of raw training videos")
+    p.add_argument("--captions", type=Path, default=None, help="HowTo100M-style caption file")
+    _run_options(p)
+    _common(p)
+
+    p = sub.add_parser("demo", help="the CPU demo: demo-data, then `run` with configs/demo.yaml",
+                       description="Generate the synthetic narrated videos (train + held-out split), train MCN "
+                       "on the train split on CPU and evaluate zero-shot on the held-out split.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(p)
+    _common(p)
     return parser
+
+
+STAGES = ("scan", "extract", "train", "evaluate")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None, help="start at this stage")
+    p.add_argument("--only", choices=STAGES, default=None, help="run only this stage")
+    p.add_argument("--force", choices=STAGES, action="append", default=[],
+                   help="redo this stage from scratch (repeatable)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="seeded random visual backbones when no weights file is found (demo/tests only)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -148,7 +192,69 @@ def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     return 0
 
 
-COMMANDS = {"scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
+def cmd_train(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.stages import run_train
+
+    if args.name:
+        cfg.evaluate.run = args.name
+    result = run_train(ws, cfg, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    if result is not None:
+        print(f"train: step {result.step}; last losses "
+              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.losses.items()))
+              + f"; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.evaluate import EvalSetConfig, evaluate_set, format_table
+
+    names = [args.set_name] if args.set_name else [s.name for s in cfg.evaluate.sets] or ["workspace"]
+    if args.videos is not None:
+        name = args.set_name or args.videos.name
+        cfg.evaluate.sets = [s for s in cfg.evaluate.sets if s.name != name]
+        cfg.evaluate.sets.append(EvalSetConfig(name=name, videos=str(args.videos)))
+        names = [name]
+    for name in names:
+        metrics = evaluate_set(ws, cfg, name, args.checkpoint, progress=not args.no_progress)
+        print(f"evaluate {name}: {metrics['n_queries']} queries from {metrics['n_videos']} videos, "
+              f"checkpoint {metrics['checkpoint']}")
+        print(format_table(metrics))
+        for problem in metrics["problems"]:
+            print(f"  note: {problem}")
+        print(f"  report: {ws.eval_dir(name) / 'report.html'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.run import run_pipeline
+
+    if args.captions:
+        cfg.scan.captions_file = str(args.captions)
+    if args.allow_random_weights:
+        cfg.extract.allow_random_weights = True
+    report = run_pipeline(ws, cfg, args.videos, from_stage=args.from_stage, only=args.only,
+                          force=set(args.force), progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.demo_data import generate_demo_data
+    from pipeline.run import run_pipeline
+
+    if args.config is None:
+        raise ConfigError("mcn demo needs --config (make demo passes configs/demo.yaml)")
+    cfg.demo_data.progress = not args.no_progress
+    summary = generate_demo_data(cfg.demo_data)
+    print(f"demo-data: {len(summary.train_videos)} train + {len(summary.heldout_videos)} held-out videos in "
+          f"{summary.out_dir} ({summary.elapsed_s:.0f} s)")
+    report = run_pipeline(ws, cfg, Path(summary.out_dir) / "train", from_stage=args.from_stage, only=args.only,
+                          force=set(args.force), progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import atomic
+from model.train import TrainConfig
 from pipeline.configtools import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from pipeline.demo_data import DemoDataConfig
+from pipeline.evaluate import EvaluateConfig
 from pipeline.extract import ExtractConfig
 from pipeline.scan import ScanConfig
 
@@ -22,6 +24,8 @@ __all__ = ["Config", "ConfigError", "load_config", "write_resolved", "git_revisi
 class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 

@@ -40,3 +40,24 @@ def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bo
             write_resolved(ws.field_dir(f) / "config.yaml", cfg.extract, field=f,
                            extractor=stage.describe(f))
     return summary
+
+
+def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_from: str | None = None,
+              progress: bool = True):
+    """Train into WS/runs/<evaluate.run>; a finished run (max_steps/epochs reached) is a no-op."""
+    from model.distributed import cleanup, init_distributed
+    from model.train import train
+
+    run_dir = ws.run_dir(cfg.evaluate.run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.train.progress = cfg.train.progress and progress
+    rank, world = rank_and_world()
+    if rank == 0:
+        write_resolved(run_dir / "config.yaml", cfg.train, world_size=world)
+    if world > 1:
+        init_distributed()
+    try:
+        return train(cfg.train, ws.features_dir, run_dir, resume=resume, init_from=init_from)
+    finally:
+        if world > 1:
+            cleanup()

@@ -399,3 +399,27 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_torch_save({"a": lambda: 0}, path)  # cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["obj.pt"]
+
+
+def test_video_input_norm_standardises_collapsed_features():
+    """Rows that all point the same way (random-backbone features) are separated by the input norm."""
+    import torch
+
+    from model.checkpoint import config_from_state_dict
+    from model.mcn import MCN, MCNConfig
+
+    torch.manual_seed(0)
+    cfg = MCNConfig(embed_dim=16, video_dim=8, text_dim=4, davenet_widths=(4, 4, 4, 4, 8), davenet_dim=8,
+                    recon_dim=8, video_input_norm=True)
+    model = MCN(cfg)
+    assert "video_input_norm.running_mean" in model.state_dict()
+    assert "video_input_norm.weight" not in model.state_dict()  # no affine parameters
+    base = torch.ones(64, 8)
+    x = base + 0.01 * torch.randn(64, 8)
+    model.train()
+    model._video(x)  # one training pass records the batch statistics
+    stats = model.video_input_norm.running_mean
+    assert torch.allclose(stats, 0.1 * x.mean(0), atol=1e-6)  # momentum 0.1 from zero
+    assert config_from_state_dict(model.state_dict()).video_input_norm is True
+    assert "video_input_norm.running_mean" not in MCN(MCNConfig(embed_dim=16, video_dim=8, text_dim=4,
+        davenet_widths=(4, 4, 4, 4, 8), davenet_dim=8, recon_dim=8)).state_dict()
