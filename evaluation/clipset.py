@@ -1,0 +1,104 @@
+"""Zero-shot evaluation sets built from a workspace's feature shards.
+
+Every caption segment of every usable video is one query; its target is the clip [start, end] of the
+same video: video rows pooled as in training (max over `int(s·fps) : int(e·fps)+1`, L2 per stream,
+2D‖3D), log-mel frames cropped/padded to `audio_frames`, the caption's word vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.data import crop_audio, decode_video, empty_counts, list_shards, pool_video, zip_shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipSet:
+    """N clips. video (N, D2+D3) f32, audio (N, n_mels, F) f16, nframes (N,) i64, audio_mask (N,) bool,
+    text (N, W, Dw) f16, text_len (N,) i64; ids/starts/ends/captions describe each clip (seconds)."""
+
+    video_ids: list[str]
+    starts: np.ndarray
+    ends: np.ndarray
+    captions: list[str]
+    video: np.ndarray
+    audio: np.ndarray
+    nframes: np.ndarray
+    audio_mask: np.ndarray
+    text: np.ndarray
+    text_len: np.ndarray
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+
+@dataclass
+class ClipSetConfig:
+    audio_frames: int = 1000  # log-mel frames per clip (YouCook2: 5120, MSR-VTT: 3072 in the paper)
+    audio_rate: float = 100.0
+    fps_2d: float = 1.0
+    fps_3d: float = 1.5
+    max_words: int = 20
+    max_clips: int | None = None  # keep the first N clips (None: all)
+
+
+def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | None = None) -> ClipSet:
+    """One clip per caption of every usable video in `features_dir` (optionally only `video_ids`).
+
+    Captions without any known word are not queries (counted in `problems`: a zero text vector
+    would be ranked silently); so are videos whose visual features failed.
+    """
+    counts = empty_counts()
+    counts["queries_without_words"] = 0
+    rows: dict[str, list] = {k: [] for k in ("ids", "s", "e", "cap", "video", "audio", "nf", "mask", "text", "len")}
+    problems: list[str] = []
+    for shard in list_shards(Path(features_dir)):
+        for raw in zip_shard(shard, counts):
+            v = decode_video(raw, counts)
+            if v is None or (video_ids is not None and v.key not in video_ids):
+                continue
+            texts = [c["text"] for c in json.loads(raw["text"]["json"])["captions"]]
+            d2 = v.video2d.shape[1]
+            for i in range(len(v.starts)):
+                if int(v.lengths[i]) == 0:
+                    counts["queries_without_words"] += 1
+                    continue
+                s, e = float(v.starts[i]), float(v.ends[i])
+                vec = np.zeros(d2 + v.video3d.shape[1], dtype=np.float32)
+                vec[:d2] = pool_video(v.video2d, s, e, cfg.fps_2d)
+                vec[d2:] = pool_video(v.video3d, s, e, cfg.fps_3d)
+                mel, nf = crop_audio(v.audio, s, e, cfg.audio_rate, cfg.audio_frames)
+                words = np.zeros((cfg.max_words, v.words.shape[2]), np.float16)
+                n = min(int(v.lengths[i]), cfg.max_words)
+                words[:n] = v.words[i, :n]
+                for key, val in (("ids", v.key), ("s", s), ("e", e), ("cap", texts[i]), ("video", vec),
+                                 ("audio", mel), ("nf", nf), ("mask", v.audio is not None and nf > 0),
+                                 ("text", words), ("len", n)):
+                    rows[key].append(val)
+    if counts["queries_without_words"]:
+        problems.append(f"{counts['queries_without_words']} caption(s) have no known word and are not queries")
+    for key in ("skipped_failed", "skipped_no_captions", "corrupted_samples", "corrupted_shards", "key_mismatch"):
+        if counts.get(key):
+            problems.append(f"{counts[key]} video(s)/shard(s) {key.replace('_', ' ')}")
+    n = len(rows["ids"])
+    if cfg.max_clips is not None and n > cfg.max_clips:
+        for key in rows:
+            rows[key] = rows[key][: cfg.max_clips]
+        n = cfg.max_clips
+    if n == 0:
+        raise ValueError(f"no valid clip in {features_dir} ({'; '.join(problems) or 'no usable video'})")
+    return ClipSet(
+        video_ids=rows["ids"], starts=np.asarray(rows["s"]), ends=np.asarray(rows["e"]), captions=rows["cap"],
+        video=np.stack(rows["video"]), audio=np.stack(rows["audio"]), nframes=np.asarray(rows["nf"], np.int64),
+        audio_mask=np.asarray(rows["mask"], bool), text=np.stack(rows["text"]),
+        text_len=np.asarray(rows["len"], np.int64), counts=counts, problems=problems,
+    )
