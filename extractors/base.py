@@ -68,6 +68,15 @@ class FeatureExtractor(ABC):
             "dim": self.dim,
         }
 
+    @classmethod
+    def describe_config(cls, config: Any) -> dict[str, Any]:
+        """``describe()`` of the extractor that ``config`` would build, without building it.
+
+        Used for cache fingerprints and ``mcn status``; subclasses override it with a cheap version
+        (weights are resolved and hashed, never loaded). The default builds the extractor.
+        """
+        return cls(config).describe()
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, field={self.field!r}, version={self.version!r}, "

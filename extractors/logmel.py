@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +80,11 @@ class LogMelExtractor(FeatureExtractor):
 
     dim = 40  # class defaults for the default config; instances use their config's values
     rate = 100.0
+
+    @classmethod
+    def describe_config(cls, config: LogMelConfig) -> dict[str, Any]:
+        return {"extractor": cls.name, "version": cls.version, "weights": "none", "random_weights": False,
+                "rate": config.sample_rate / config.hop_length, "dim": config.n_mels}
 
     def __init__(self, config: LogMelConfig) -> None:
         super().__init__(config)

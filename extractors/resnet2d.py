@@ -68,6 +68,13 @@ class ResNet152Extractor(FeatureExtractor):
     dim = 2048
     rate = 1.0
 
+    @classmethod
+    def describe_config(cls, config: ResNet152Config) -> dict[str, Any]:
+        ref = resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
+                              seed=config.seed, what=cls.name)
+        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
+                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
+
     def __init__(self, config: ResNet152Config) -> None:
         super().__init__(config)
         if config.batch_size < 1:

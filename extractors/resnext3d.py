@@ -178,6 +178,13 @@ class ResNeXt101Extractor(FeatureExtractor):
     dim = 2048
     rate = 24.0 / WINDOW  # 1.5 windows per second at 24 fps
 
+    @classmethod
+    def describe_config(cls, config: ResNeXt101Config) -> dict[str, Any]:
+        ref = resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
+                              seed=config.seed, what=cls.name)
+        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
+                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
+
     def __init__(self, config: ResNeXt101Config) -> None:
         super().__init__(config)
         if config.batch_size < 1:

@@ -12,6 +12,7 @@ Two backends, same output ``(words float32 (N, max_words, D), lengths int32 (N,)
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import logging
 import re
@@ -83,6 +84,15 @@ class Word2VecExtractor(FeatureExtractor):
     WEIGHTS_FILENAME: ClassVar[str] = "GoogleNews-vectors-negative300.bin"
 
     rate = None
+
+    @classmethod
+    def describe_config(cls, config: Word2VecConfig) -> dict[str, Any]:
+        ref = resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=False, what=cls.name)
+        assert ref.path is not None
+        with open(ref.path, "rb") as fh:  # both formats start with the line "<count> <dim>"
+            header = fh.readline().split()
+        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity, "random_weights": False,
+                "rate": None, "dim": int(header[1])}
 
     def __init__(self, config: Word2VecConfig) -> None:
         super().__init__(config)
@@ -175,6 +185,15 @@ class HFTokensExtractor(FeatureExtractor):
     Config: ClassVar[type] = HFTokensConfig
 
     rate = None
+
+    @classmethod
+    def describe_config(cls, config: HFTokensConfig) -> dict[str, Any]:
+        folder = Path(config.model_path).expanduser() if config.model_path is not None else minilm_path()
+        if not (folder / "config.json").is_file():
+            return cls(config).describe()  # raises the clear error
+        hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+        return {"extractor": cls.name, "version": cls.version, "weights": folder_identity(folder),
+                "random_weights": False, "rate": None, "dim": int(hidden)}
 
     def __init__(self, config: HFTokensConfig) -> None:
         super().__init__(config)

@@ -23,7 +23,7 @@ from extractors import FeatureExtractor, create, get_extractor
 from extractors.decode import DecodeConfig, DecodeError, NoAudioError, decode_audio, visual_task
 from extractors.resnext3d import windows_from_frames
 from extractors.workers import WorkerConfig, WorkerPool
-from pipeline.configtools import to_dict
+from pipeline.configtools import from_dict, to_dict
 from pipeline.manifest import VideoRecord, read_captions
 from pipeline.runner import ShardJob
 from pipeline.shards import ShardWriter, encode_json, encode_npy, fingerprint
@@ -118,6 +118,7 @@ class ExtractStage:
         self.fields = [f for f in FIELDS if f in cfg.fields]
         self._extractors: dict[str, FeatureExtractor] = {}
         self._captions: dict[int, dict] = {}
+        self._described: dict[str, dict[str, Any]] = {}
         for f in self.fields:
             spec: ExtractorSpec = getattr(cfg, f)
             cls = get_extractor(spec.name)
@@ -142,7 +143,14 @@ class ExtractStage:
         return self._extractors[f]
 
     def describe(self, f: str) -> dict[str, Any]:
-        return self.extractor(f).describe()
+        """Extractor name, version, weights identity, rate and dim; cheap (nothing is loaded)."""
+        if f in self._extractors:
+            return self._extractors[f].describe()
+        if f not in self._described:
+            spec: ExtractorSpec = getattr(self.cfg, f)
+            cls = get_extractor(spec.name)
+            self._described[f] = cls.describe_config(from_dict(cls.Config, to_dict(self.options(f))))
+        return self._described[f]
 
     # -- caching ----------------------------------------------------------------------------------
     def captions(self, shard: int) -> dict:

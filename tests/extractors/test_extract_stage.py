@@ -186,3 +186,14 @@ def test_sigkill_mid_extract_resumes_byte_identical(videos, tmp_path, cfr_mp4, s
     assert results["killed"].keys() == results["clean"].keys() and len(results["clean"]) == 12
     for key, data in results["clean"].items():
         assert results["killed"][key] == data, key
+
+
+def test_cheap_describe_equals_the_built_extractors(extracted):
+    ws, cfg, _, _ = extracted
+    from pipeline.stages import extract_stage
+
+    stage = extract_stage(ws, cfg)
+    cheap = {f: stage.describe(f) for f in FIELDS}
+    assert not stage._extractors  # nothing was built to describe them
+    for f in FIELDS:
+        assert stage.extractor(f).describe() == cheap[f], f
