@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", type=Path, default=None, help="ad-hoc set: a folder of captioned videos")
     _common(p)
 
+    p = sub.add_parser("search", help="rank every clip of a workspace for a text query",
+                       description="Embed the query with the workspace's text extractor and the checkpoint, rank "
+                       "every caption clip of the workspace by text·(video+audio) and print video, start-end and "
+                       "score. Clip embeddings are cached in WS/eval/search-cache/ and reused.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("query", help="free text, e.g. 'cut the onion'")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: latest of the run)")
+    p.add_argument("--top", type=int, default=10)
+    _common(p)
+
     p = sub.add_parser("run", help="all stages in order (scan, extract, train, evaluate)",
                        description="scan -> extract -> train -> evaluate, skipping what is done and fresh: "
                        "extraction skips done shards, training resumes from its latest checkpoint (a finished "
@@ -216,6 +226,14 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         names = [name]
     for name in names:
         metrics = evaluate_set(ws, cfg, name, args.checkpoint, progress=not args.no_progress)
+        if "localization" in metrics:
+            loc = metrics["localization"]
+            print(f"evaluate {name} ({metrics['kind']}): recall {100 * loc['recall']:.1f}% over "
+                  f"{loc['n_videos']} videos; per task: "
+                  + ", ".join(f"{t} {100 * r:.1f}%" for t, r in sorted(loc["per_task"].items())))
+            for problem in metrics["problems"]:
+                print(f"  note: {problem}")
+            continue
         print(f"evaluate {name}: {metrics['n_queries']} queries from {metrics['n_videos']} videos, "
               f"checkpoint {metrics['checkpoint']}")
         print(format_table(metrics))
@@ -254,7 +272,27 @@ def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
+def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from evaluation.search import SearchIndex, search_text
+    from model.checkpoint import load_mcn
+    from pipeline.evaluate import resolve_checkpoint
+    from pipeline.stages import extract_stage
+
+    ckpt = resolve_checkpoint(ws, cfg.evaluate.run, args.checkpoint)
+    model = load_mcn(ckpt)
+    index = SearchIndex.build(ws.features_dir, ckpt, ws.eval_dir("search-cache"), model=model)
+    try:
+        hits = search_text(index, model, extract_stage(ws, cfg).extractor("text"), args.query, args.top)
+    except ValueError as exc:
+        print(f"mcn search: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'score':>8}  {'video':<40} {'start':>8} {'end':>8}  caption")
+    for h in hits:
+        print(f"{h.score:8.3f}  {h.video_id:<40} {h.start:8.2f} {h.end:8.2f}  {h.caption}")
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

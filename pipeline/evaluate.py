@@ -35,9 +35,10 @@ PROTOCOL = ("zero-shot; similarity text·(video+audio) (and text·video); rank =
 @dataclass
 class EvalSetConfig:
     name: str
-    kind: str = "captions"  # captions | youcook2 | msrvtt
+    kind: str = "captions"  # captions | youcook2 | msrvtt (retrieval); crosstask | mining_youtube (steps)
     videos: str | None = None  # raw videos folder (None: the main workspace's features)
-    annotations: str | None = None  # youcook2 JSON / msrvtt CSV or JSON
+    annotations: str | None = None  # youcook2 JSON / msrvtt CSV or JSON / step annotation folder
+    tasks: str | None = None  # crosstask tasks_primary.txt / mining_youtube tasks JSON
     audio_frames: int = 1000  # YouCook2 5120, MSR-VTT 3072 in the paper
     n_total: int | None = None  # queries the protocol counts (MSR-VTT: 1000); None: the clips found
     max_clips: int | None = None
@@ -52,6 +53,9 @@ class EvaluateConfig:
     report_queries: int = 10
     report_clusters: int = 8
     ties: str = "pessimistic"
+
+
+STEP_KINDS = ("crosstask", "mining_youtube")
 
 
 def resolve_checkpoint(ws: Workspace, run: str, checkpoint: str | None) -> Path:
@@ -84,7 +88,7 @@ def annotation_captions(spec: EvalSetConfig, out: Path) -> tuple[Path | None, li
 
     Returns (captions file or None, problems, number of annotated queries).
     """
-    if spec.kind == "captions":
+    if spec.kind in ("captions",) + STEP_KINDS:
         return None, [], None
     from evaluation.annotations import parse_msrvtt_test, parse_youcook2
 
@@ -139,6 +143,8 @@ def evaluate_set(ws: Workspace, cfg: Any, set_name: str, checkpoint: str | None,
     spec = find_set(ecfg, set_name)
     ckpt = resolve_checkpoint(ws, ecfg.run, checkpoint)
     features_dir, problems, n_total = prepare_set(ws, cfg, spec, progress=progress)
+    if spec.kind in STEP_KINDS:
+        return localize_set(ws, cfg, spec, ckpt, features_dir, problems, eval_name or spec.name)
     clips = build_clipset(features_dir, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips))
     problems += clips.problems
     model = load_mcn(ckpt)
@@ -247,3 +253,39 @@ def write_eval_report(out_dir: Path, ws: Workspace, cfg: Any, spec: EvalSetConfi
               "protocol": PROTOCOL, "problems": "; ".join(metrics["problems"]) or "none"},
     )
     return write_report(out_dir / "report.html", data)
+
+
+def localize_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, ckpt: Path, features_dir: Path,
+                 problems: list[str], name: str) -> dict[str, Any]:
+    """Step localization (CrossTask protocol, or Mining YouTube with a log-softmax over steps)."""
+    from evaluation.annotations import parse_crosstask_annotations, parse_crosstask_tasks, parse_mining_youtube
+    from evaluation.steps import localize
+    from model.checkpoint import load_mcn
+    from pipeline.ids import video_id
+    from pipeline.stages import extract_stage
+
+    if not spec.annotations or not spec.tasks:
+        raise FileNotFoundError(f"evaluation set {spec.name!r} ({spec.kind}) needs `annotations` and `tasks`")
+    if spec.kind == "crosstask":
+        tasks = parse_crosstask_tasks(spec.tasks)
+        problems += tasks.problems
+        ann = parse_crosstask_annotations(spec.annotations, tasks=tasks.tasks)
+    else:
+        ann = parse_mining_youtube(spec.tasks, spec.annotations)
+    problems += ann.problems
+    # Annotation files name videos by file stem (YouTube id); the workspace by our path-derived id.
+    ann.segments = {video_id(f"{k}.mp4"): v for k, v in ann.segments.items()}
+    ann.task_of = {video_id(f"{k}.mp4"): v for k, v in ann.task_of.items()}
+    model = load_mcn(ckpt)
+    device = "cuda" if cfg.evaluate.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if cfg.evaluate.device == "auto" else cfg.evaluate.device)
+    text = extract_stage(ws, cfg).extractor("text")
+    result = localize(model, features_dir, ann, text, mining_youtube=spec.kind == "mining_youtube",
+                      batch_size=cfg.evaluate.batch_size, device=device)
+    problems += result.pop("problems", [])
+    metrics = {"set": spec.name, "kind": spec.kind, "checkpoint": str(ckpt), "localization": result,
+               "problems": problems}
+    out_dir = ws.eval_dir(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out_dir / "metrics.json", _jsonable(metrics))
+    return metrics

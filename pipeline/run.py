@@ -58,6 +58,11 @@ def run_pipeline(ws: Workspace, cfg: Config, videos: Path, *, from_stage: str | 
             names = [s.name for s in cfg.evaluate.sets] or ["workspace"]
             for name in names:
                 metrics = evaluate_set(ws, cfg, name, None, progress=progress)
+                if "localization" in metrics:
+                    loc = metrics["localization"]
+                    lines.append(f"evaluate {name}: step recall {100 * loc['recall']:.1f}% over "
+                                 f"{loc['n_videos']} videos")
+                    continue
                 lines.append(f"evaluate {name}: {metrics['n_queries']} queries, {metrics['n_videos']} videos")
                 lines.append(format_table(metrics))
                 lines += [f"  note: {p}" for p in metrics["problems"]]
