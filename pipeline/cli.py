@@ -312,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return handler(args, cfg, ws)
-    except (FileNotFoundError, ConfigError, NotBuiltYet) as exc:
+    except (FileNotFoundError, ConfigError, NotBuiltYet, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"mcn {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -124,7 +124,8 @@ def prepare_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, *, progress: bool)
     if result.n_ok == 0:
         raise ValueError(f"evaluation set {spec.name!r}: no usable video in {spec.videos}")
     if captions_file is not None:
-        scanned = {r.id for r in iter_manifest(set_ws.manifest)}
+        scanned = {key for r in iter_manifest(set_ws.manifest) if r.ok
+                   for key in (r.id, r.path, str(Path(r.path).with_suffix("")), Path(r.path).stem)}
         annotated = set(json.loads(captions_file.read_text()))
         missing = sorted(annotated - scanned)
         if missing:

@@ -148,3 +148,51 @@ def test_torchrun_two_process_training(extracted, tmp_path):
     assert all(r["total"] == r["total"] and r["total"] > 0 for r in log)  # finite, not NaN
     assert (ws / "runs" / "ddp" / "checkpoints" / "latest").read_text().strip() == "step-000002.pt"
     assert (ws / "runs" / "ddp" / "config.yaml").read_text().count("world_size: 2") == 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(extracted) -> Path:
+    ws, common = extracted
+    proc = mcn("train", "--name", "evalrun", *common, "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws / "runs" / "evalrun" / "checkpoints" / "step-000001.pt"
+
+
+def test_evaluate_bad_inputs(videos, extracted, checkpoint, tmp_path):
+    import torch
+
+    ws, common = extracted
+    proc = mcn("evaluate", "--checkpoint", str(tmp_path / "nope.pt"), *common)
+    assert proc.returncode == 1 and f"checkpoint {tmp_path / 'nope.pt'} does not exist" in proc.stderr
+    # a reference-style checkpoint of the wrong shape: the error lists the mismatched keys
+    state = torch.load(checkpoint, weights_only=True)["model"]
+    state["GU_text_captions.cg.fc.weight"] = torch.zeros(32, 10)
+    del state["recon_t.2.bias"]
+    bad = tmp_path / "e3.pth"
+    torch.save(state, bad)
+    proc = mcn("evaluate", "--checkpoint", str(bad), *common)
+    assert proc.returncode == 1
+    assert "GU_text_captions.cg.fc.weight" in proc.stderr and "recon_t.2.bias" in proc.stderr
+    # a set whose videos have no captions: no valid clip, said clearly
+    silent = tmp_path / "nocaps"
+    silent.mkdir()
+    for mp4 in sorted((videos / "heldout").glob("*.mp4")):
+        (silent / mp4.name).symlink_to(mp4)
+    proc = mcn("evaluate", "--checkpoint", str(checkpoint), "--videos", str(silent), *common)
+    assert proc.returncode == 1 and "no valid clip" in proc.stderr
+    # YouCook2-style annotations naming videos we do not have: counted and reported
+    yc = tmp_path / "yc.json"
+    segs = json.loads((videos / "demo_data.json").read_text())
+    held = [v for v in segs["videos"] if v["split"] == "heldout"]
+    db = {v["name"]: {"subset": "validation", "annotations": [
+        {"segment": [s["start"], s["end"]], "sentence": s["sentence"], "id": i} for i, s in enumerate(v["segments"])]}
+        for v in held}
+    db["missing_video_1"] = {"subset": "validation", "annotations": [{"segment": [0, 2], "sentence": "x", "id": 0}]}
+    yc.write_text(json.dumps({"database": db}))
+    sets = f"evaluate.sets=[{{name: yc2, kind: youcook2, videos: {videos / 'heldout'}, annotations: {yc}, audio_frames: 200}}]"
+    proc = mcn("evaluate", "--checkpoint", str(checkpoint), "--set", "yc2", *common, sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((ws / "eval" / "yc2" / "metrics.json").read_text())
+    assert metrics["n_queries"] == 4 and metrics["n_total"] == 5  # the missing video's query is a miss
+    assert any("1 annotated video id(s) not found" in p for p in metrics["problems"])
+    assert metrics["retrieval"]["text_to_video"]["R@10"] == pytest.approx(4 / 5)
