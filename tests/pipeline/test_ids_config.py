@@ -78,3 +78,22 @@ def test_partial_nested_sections_keep_their_defaults():
     assert cfg.extract.video2d.name == "resnet152_2d" and cfg.extract.video2d.options == {"batch_size": 2}
     cfg = load_config(None, ["extract.decode.size_2d=64"])
     assert cfg.extract.decode.size_2d == 64 and cfg.extract.decode.fps_3d == 24.0
+
+
+def test_paper_preset_holds_the_reference_constants():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "paper.yaml")
+    t = cfg.train
+    assert (t.batch_size, t.data.n_pair, t.epochs, t.lr, t.warmup_steps) == (128, 32, 30, 1e-4, 5000)
+    assert (t.model.embed_dim, t.model.video_dim, t.model.text_dim, t.model.n_mels) == (6144, 4096, 300, 40)
+    assert (t.loss.margin, t.loss.cluster_weight, t.loss.recon_weight) == (0.001, 1.0, 50.0)
+    assert (t.kmeans.k, t.kmeans.queue_batches, t.kmeans.queue_clips_per_video, t.kmeans.refit_every) == (256, 20, 16, 20)
+    assert (t.data.min_time, t.data.audio_frames, t.data.max_words) == (10.0, 1000, 20)
+    d = cfg.extract.decode
+    assert (d.fps_2d, d.size_2d, d.fps_3d, d.size_3d, d.crop_3d, d.audio_rate) == (1.0, 224, 24.0, 112, 112, 16000)
+    sets = {s.name: s for s in cfg.evaluate.sets}
+    assert sets["youcook2"].audio_frames == 5120 and sets["msrvtt"].audio_frames == 3072
+    assert sets["msrvtt"].n_total == 1000
+    demo = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    assert demo.extract.allow_random_weights and demo.train.model.video_input_norm
