@@ -38,6 +38,7 @@ import torch
 
 from evaluation.clipset import ClipSetConfig, build_clipset
 from evaluation.embed import embed_clipset
+from extractors.weights import file_sha256
 from model.data import FIELDS, list_shards
 from pipeline import atomic
 
@@ -69,14 +70,6 @@ class Hit:
     score: float
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_identity(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"path", "size", "mtime_ns", "sha256"}`` of a checkpoint file.
 
@@ -90,7 +83,7 @@ def checkpoint_identity(path: Path, previous: dict[str, Any] | None = None) -> d
     if previous and previous.get("sha256") and all(previous.get(k) == ident[k] for k in stat_keys):
         ident["sha256"] = previous["sha256"]
     else:
-        ident["sha256"] = _sha256(path)
+        ident["sha256"] = file_sha256(path)
     return ident
 
 

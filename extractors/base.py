@@ -178,6 +178,32 @@ class VisualConfig:
     amp: bool = True
 
 
+class VisualExtractor(FeatureExtractor):
+    """A visual backbone whose weights file is resolved by ``resolve_weights`` (see extractors.weights).
+
+    Subclasses set ``WEIGHTS_FILENAME``, ``WEIGHTS_WHAT`` and ``WEIGHTS_HINT`` (for the error message),
+    class-level ``dim`` and ``rate``, and use a ``VisualConfig``.
+    """
+
+    WEIGHTS_FILENAME: ClassVar[str]
+    WEIGHTS_WHAT: ClassVar[str]
+    WEIGHTS_HINT: ClassVar[str]
+
+    @classmethod
+    def resolve(cls, config: VisualConfig) -> Any:
+        """The ``WeightsRef`` of ``config`` (its file, or seeded random init when allowed)."""
+        from extractors.weights import resolve_weights
+
+        return resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
+                               seed=config.seed, what=f"{cls.name} ({cls.WEIGHTS_WHAT})", hint=cls.WEIGHTS_HINT)
+
+    @classmethod
+    def describe_config(cls, config: VisualConfig) -> dict[str, Any]:
+        ref = cls.resolve(config)
+        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
+                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
+
+
 def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA when ``amp``; a no-op context otherwise (CPU computes in float32)."""
     if device.type == "cuda" and amp:

@@ -21,8 +21,9 @@ from .base import (
     autocast_context,
     register,
     resolve_device,
+    VisualExtractor,
 )
-from .weights import load_state_dict_file, resolve_weights, seeded
+from .weights import load_state_dict_file, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ResNet152Config(VisualConfig):
 
 
 @register
-class ResNet152Extractor(FeatureExtractor):
+class ResNet152Extractor(VisualExtractor):
     """``resnet152_2d``: frames uint8 (N, H, W, 3) RGB → float32 (N, 2048) rows L2-normalised.
 
     One row per input frame (1 fps → rate 1.0). Frames are scaled to 0–1 and normalised with the
@@ -64,30 +65,18 @@ class ResNet152Extractor(FeatureExtractor):
     Config: ClassVar[type] = ResNet152Config
     WEIGHTS_FILENAME: ClassVar[str] = "resnet152-394f9c45.pth"
     WEIGHTS_URL: ClassVar[str] = "https://download.pytorch.org/models/resnet152-394f9c45.pth"
+    WEIGHTS_WHAT: ClassVar[str] = "torchvision ResNet-152, ImageNet IMAGENET1K_V1"
+    WEIGHTS_HINT: ClassVar[str] = f"It is torchvision's IMAGENET1K_V1 file, downloadable from {WEIGHTS_URL}"
 
     dim = 2048
     rate = 1.0
-
-    @classmethod
-    def describe_config(cls, config: ResNet152Config) -> dict[str, Any]:
-        ref = resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
-                              seed=config.seed, what=cls.name)
-        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
-                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
 
     def __init__(self, config: ResNet152Config) -> None:
         super().__init__(config)
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         self.device = resolve_device(config.device)
-        ref = resolve_weights(
-            config.weights,
-            self.WEIGHTS_FILENAME,
-            allow_random=config.allow_random_weights,
-            seed=config.seed,
-            what=f"{self.name} (torchvision ResNet-152, ImageNet IMAGENET1K_V1)",
-            hint=f"It is torchvision's IMAGENET1K_V1 file, downloadable from {self.WEIGHTS_URL}",
-        )
+        ref = self.resolve(config)
         self.weights_id = ref.identity
         self.random_weights = ref.random
         with seeded(config.seed):

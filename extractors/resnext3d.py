@@ -27,8 +27,9 @@ from .base import (
     autocast_context,
     register,
     resolve_device,
+    VisualExtractor,
 )
-from .weights import load_state_dict_file, resolve_weights, seeded
+from .weights import load_state_dict_file, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ResNeXt101Config(VisualConfig):
 
 
 @register
-class ResNeXt101Extractor(FeatureExtractor):
+class ResNeXt101Extractor(VisualExtractor):
     """``resnext101_3d``: windows uint8 (W, 16, 112, 112, 3) RGB → float32 (W, 2048) rows L2-normalised.
 
     Each window is converted to (3, 16, 112, 112) on the 0–255 scale minus the Kinetics mean
@@ -174,30 +175,18 @@ class ResNeXt101Extractor(FeatureExtractor):
     version: ClassVar[str] = "1"
     Config: ClassVar[type] = ResNeXt101Config
     WEIGHTS_FILENAME: ClassVar[str] = "resnext-101-kinetics.pth"
+    WEIGHTS_WHAT: ClassVar[str] = "Hara 3D-ResNets-PyTorch ResNeXt-101, Kinetics"
+    WEIGHTS_HINT: ClassVar[str] = "It is the public Kinetics checkpoint of github.com/kenshohara/3D-ResNets-PyTorch."
 
     dim = 2048
     rate = 24.0 / WINDOW  # 1.5 windows per second at 24 fps
-
-    @classmethod
-    def describe_config(cls, config: ResNeXt101Config) -> dict[str, Any]:
-        ref = resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
-                              seed=config.seed, what=cls.name)
-        return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
-                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
 
     def __init__(self, config: ResNeXt101Config) -> None:
         super().__init__(config)
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         self.device = resolve_device(config.device)
-        ref = resolve_weights(
-            config.weights,
-            self.WEIGHTS_FILENAME,
-            allow_random=config.allow_random_weights,
-            seed=config.seed,
-            what=f"{self.name} (Hara 3D-ResNets-PyTorch ResNeXt-101, Kinetics)",
-            hint="It is the public Kinetics checkpoint of github.com/kenshohara/3D-ResNets-PyTorch.",
-        )
+        ref = self.resolve(config)
         self.weights_id = ref.identity
         self.random_weights = ref.random
         with seeded(config.seed):
