@@ -17,10 +17,6 @@ EPILOG = """Overrides: any config value as section.key=value after the options, 
   mcn train --config configs/demo.yaml train.batch_size=64 train.lr=3e-4"""
 
 
-class NotBuiltYet(Exception):
-    pass
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", type=Path, default=Path(os.environ.get("MCN_WORKSPACE", "workspace")),
                    help="workspace folder (default: $MCN_WORKSPACE or ./workspace)")
@@ -297,7 +293,13 @@ COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options that follow a positional (`mcn search "query" --top 3 a.b=1`),
+    # which argparse cannot assign to a second positional: collect them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -305,14 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcn: config error: {exc}", file=sys.stderr)
         return 2
     ws = Workspace(args.workspace)
-    handler = COMMANDS.get(args.command)
-    if handler is None:
-        print(f"mcn {args.command}: this stage is not built yet in this version of the pipeline",
-              file=sys.stderr)
-        return 2
+    handler = COMMANDS[args.command]
     try:
         return handler(args, cfg, ws)
-    except (FileNotFoundError, ConfigError, NotBuiltYet, ValueError) as exc:
+    except (FileNotFoundError, ConfigError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"mcn {args.command}: {exc}", file=sys.stderr)

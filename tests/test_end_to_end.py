@@ -196,3 +196,38 @@ def test_evaluate_bad_inputs(videos, extracted, checkpoint, tmp_path):
     assert metrics["n_queries"] == 4 and metrics["n_total"] == 5  # the missing video's query is a miss
     assert any("1 annotated video id(s) not found" in p for p in metrics["problems"])
     assert metrics["retrieval"]["text_to_video"]["R@10"] == pytest.approx(4 / 5)
+
+
+def test_crosstask_localization_and_search_from_the_cli(videos, extracted, checkpoint, tmp_path):
+    ws, common = extracted
+    index = json.loads((videos / "demo_data.json").read_text())
+    held = [v for v in index["videos"] if v["split"] == "heldout"]
+    # One CrossTask-style task whose steps are the held-out sentences, annotated where they are said.
+    steps = [s["sentence"].replace(",", "") for v in held for s in v["segments"]]
+    (tmp_path / "tasks.txt").write_text(f"77\nshapes\nhttp://x\n{len(steps)}\n{','.join(steps)}\n\n")
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    n = 0
+    for v in held:
+        rows = []
+        for s in v["segments"]:
+            n += 1
+            rows.append(f"{n},{s['start']},{s['end']}")
+        (ann / f"77_{v['name']}.csv").write_text("\n".join(rows) + "\n")
+    (ann / "77_not_a_video.csv").write_text("1,0,1\n")
+    sets = (f"evaluate.sets=[{{name: ct, kind: crosstask, videos: {videos / 'heldout'}, "
+            f"tasks: {tmp_path / 'tasks.txt'}, annotations: {ann}}}]")
+    proc = mcn("evaluate", "--checkpoint", str(checkpoint), "--set", "ct", *common, sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((ws / "eval" / "ct" / "metrics.json").read_text())
+    loc = metrics["localization"]
+    assert loc["n_videos"] == 2 and loc["n_missing_features"] == 1  # the unknown video is counted
+    assert 0.0 <= loc["recall"] <= 1.0 and set(loc["per_task"]) == {"77"}
+    assert f"recall {100 * loc['recall']:.1f}%" in proc.stdout
+
+    proc = mcn("search", "the red circle", "--checkpoint", str(checkpoint), "--top", "3", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:] if line.strip()]
+    scores = [float(r[0]) for r in rows]
+    assert len(rows) == 3 and scores == sorted(scores, reverse=True)
+    assert (ws / "eval" / "search-cache" / "index.json").exists()
