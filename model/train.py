@@ -84,7 +84,8 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA (no effect on CPU)
     amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
     grad_clip: float | None = None  # max global grad norm; None: no clipping (as the reference)
-    checkpoint_every: int = 1000  # steps; also at every epoch end and when the run stops
+    checkpoint_every: int = 1000  # steps; also when the run stops (and at epoch ends, see below)
+    checkpoint_epoch_end: bool = True  # also at every epoch end (off for tiny epochs, e.g. the demo)
     keep_last: int = 3
     log_every: int = 10
     max_steps: int | None = None  # stop after this many steps in all (the schedule still spans all epochs)
@@ -531,7 +532,7 @@ def train(cfg: TrainConfig, features_dir: Path, run_dir: Path, *, resume: str | 
                         bar.set_postfix(loss=f"{losses['total']:.4f}", clips_s=f"{rate:.0f}", epoch=epoch)
                 if bar is not None:
                     bar.update(1)
-                if trainer.step % cfg.checkpoint_every == 0 or end_of_epoch or stop:
+                if trainer.step % cfg.checkpoint_every == 0 or (end_of_epoch and cfg.checkpoint_epoch_end) or stop:
                     if main:
                         last_ckpt = _save(trainer, ckpt_dir, epoch=pos_epoch, batch_in_epoch=pos_batch,
                                           counts=_global_counts(counts, trainer.device),
