@@ -91,13 +91,13 @@ class _Batcher:
         out = self.fn(np.concatenate([rows for _, rows in self.pending])).numpy()
         start = 0
         for video, rows in self.pending:
-            self.outputs[video].append(out[start : start + len(rows)])
+            self.outputs[video].append(out[start : start + len(rows)].astype(np.float16))  # stored as float16
             start += len(rows)
         self.pending, self.n_pending = [], 0
 
     def result(self, video: int, dim: int) -> np.ndarray:
         parts = self.outputs.get(video, [])
-        return np.concatenate(parts).astype(np.float16) if parts else np.zeros((0, dim), np.float16)
+        return np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
 
     def drop(self, video: int) -> None:
         self.pending = [(v, r) for v, r in self.pending if v != video]
