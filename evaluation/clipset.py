@@ -7,7 +7,6 @@ same video: video rows pooled as in training (max over `int(s·fps) : int(e·fps
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +65,6 @@ def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | 
             v = decode_video(raw, counts)
             if v is None or (video_ids is not None and v.key not in video_ids):
                 continue
-            texts = [c["text"] for c in json.loads(raw["text"]["json"])["captions"]]
             d2 = v.video2d.shape[1]
             for i in range(len(v.starts)):
                 if int(v.lengths[i]) == 0:
@@ -80,7 +78,7 @@ def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | 
                 words = np.zeros((cfg.max_words, v.words.shape[2]), np.float16)
                 n = min(int(v.lengths[i]), cfg.max_words)
                 words[:n] = v.words[i, :n]
-                for key, val in (("ids", v.key), ("s", s), ("e", e), ("cap", texts[i]), ("video", vec),
+                for key, val in (("ids", v.key), ("s", s), ("e", e), ("cap", v.captions[i]), ("video", vec),
                                  ("audio", mel), ("nf", nf), ("mask", v.audio is not None and nf > 0),
                                  ("text", words), ("len", n)):
                     rows[key].append(val)

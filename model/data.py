@@ -36,7 +36,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,7 @@ class VideoFeatures:
     starts: np.ndarray
     ends: np.ndarray
     cycle: int = 0
+    captions: list[str] = field(default_factory=list)  # caption texts, aligned with starts/ends
 
 
 def empty_counts() -> dict[str, int]:
@@ -324,7 +325,8 @@ def decode_video(raw: dict[str, dict[str, Any]], counts: dict[str, int]) -> Vide
         logger.warning("sample %r: corrupted (%s); skipped", key, exc)
         return None
     return VideoFeatures(key=key, video2d=v2, video3d=v3, audio=audio, words=words,
-                         lengths=np.clip(lengths, 0, words.shape[1]), starts=starts, ends=ends)
+                         lengths=np.clip(lengths, 0, words.shape[1]), starts=starts, ends=ends,
+                         captions=[str(c.get("text", "")) for c in caps])
 
 
 # --------------------------------------------------------------------------------------------------

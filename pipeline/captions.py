@@ -66,12 +66,16 @@ def parse_timed_blocks(text: str, name: str) -> list[Caption]:
     return caps
 
 
-def parse_json_captions(text: str, name: str) -> list[Caption]:
-    """`[{"start": s, "end": s, "text": str}, ...]`."""
+def _load_json(text: str, name: str) -> object:
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CaptionError(f"{name}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def parse_json_captions(text: str, name: str) -> list[Caption]:
+    """`[{"start": s, "end": s, "text": str}, ...]`."""
+    data = _load_json(text, name)
     if not isinstance(data, list):
         raise CaptionError(f"{name}: expected a JSON list of {{start, end, text}} objects")
     return [_caption_from_obj(item, f"{name}[{i}]") for i, item in enumerate(data)]
@@ -125,10 +129,7 @@ def read_caption_file(path: Path, encoding_fallbacks: tuple[str, ...] = ()) -> d
                 raise CaptionError(f"{path.name}: line {row_no}: start/end are not numbers") from None
             out.setdefault(row["video_id"], []).append(cap)
         return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CaptionError(f"{path.name}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = _load_json(text, path.name)
     if not isinstance(data, dict):
         raise CaptionError(f"{path.name}: expected a JSON object mapping video ids to captions")
     for key, value in data.items():

@@ -22,6 +22,7 @@ import torch
 from evaluation.clipset import ClipSet, ClipSetConfig, build_clipset
 from evaluation.embed import embed_clipset
 from evaluation.retrieval import rank_of_true, retrieval_report
+from extractors.base import resolve_device
 from pipeline import atomic
 from pipeline.manifest import iter_manifest
 from pipeline.workspace import Workspace
@@ -149,8 +150,7 @@ def evaluate_set(ws: Workspace, cfg: Any, set_name: str, checkpoint: str | None,
     clips = build_clipset(features_dir, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips))
     problems += clips.problems
     model = load_mcn(ckpt)
-    device = torch.device("cuda" if ecfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if ecfg.device == "auto" else ecfg.device))
+    device = resolve_device(ecfg.device)
     emb = embed_clipset(model, clips, batch_size=ecfg.batch_size, device=device)
     n_total = max(n_total or 0, len(clips)) or None
     audio = emb["audio"] if clips.audio_mask.any() else None
@@ -278,8 +278,7 @@ def localize_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, ckpt: Path, featu
     ann.segments = {video_id(f"{k}.mp4"): v for k, v in ann.segments.items()}
     ann.task_of = {video_id(f"{k}.mp4"): v for k, v in ann.task_of.items()}
     model = load_mcn(ckpt)
-    device = "cuda" if cfg.evaluate.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if cfg.evaluate.device == "auto" else cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device)
     text = extract_stage(ws, cfg).extractor("text")
     result = localize(model, features_dir, ann, text, mining_youtube=spec.kind == "mining_youtube",
                       batch_size=cfg.evaluate.batch_size, device=device)
