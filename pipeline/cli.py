@@ -183,7 +183,7 @@ def cmd_extract(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from pipeline.demo_data import generate_demo_data
+    from synthetic import generate_demo_data
 
     d = cfg.demo_data
     for attr, value in (("out_dir", args.out), ("n_videos", args.videos), ("n_heldout", args.heldout),
@@ -253,7 +253,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from pipeline.demo_data import generate_demo_data
+    from synthetic import generate_demo_data
     from pipeline.run import run_pipeline
 
     if args.config is None:

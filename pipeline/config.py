@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline import atomic
 from model.train import TrainConfig
 from pipeline.configtools import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
-from pipeline.demo_data import DemoDataConfig
+from synthetic import DemoDataConfig
 from pipeline.evaluate import EvaluateConfig
 from pipeline.extract import ExtractConfig
 from pipeline.scan import ScanConfig

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-PACKAGES = ("pipeline", "extractors", "model", "evaluation")
+PACKAGES = ("pipeline", "extractors", "model", "evaluation", "synthetic")
 VOLUMES = {"/data/videos", "/data/workspace", "/models"}
 
 
@@ -417,7 +417,7 @@ def test_installed_cli_and_imports_work_outside_the_repo(installed):
         assert command in proc.stdout
     code = (
         "import importlib, json, pkgutil, sys\n"
-        "import pipeline, extractors, model, evaluation\n"
+        "import pipeline, extractors, model, evaluation, synthetic\n"
         "names = []\n"
         f"for top in {PACKAGES!r}:\n"
         "    pkg = importlib.import_module(top)\n"

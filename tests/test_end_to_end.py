@@ -45,7 +45,7 @@ def mcn(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    from pipeline.demo_data import DemoDataConfig, generate_demo_data
+    from synthetic import DemoDataConfig, generate_demo_data
 
     out = tmp_path_factory.mktemp("e2e") / "videos"
     generate_demo_data(DemoDataConfig(out_dir=out, n_videos=3, n_heldout=2, segments_per_video=(2, 2),

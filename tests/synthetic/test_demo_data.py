@@ -1,4 +1,4 @@
-"""Tests of the deterministic demo media generator (pipeline.demo_data)."""
+"""Tests of the deterministic demo media generator (synthetic)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo_data import (
+from synthetic import (
     COLOURS,
     MOTIONS,
     SHAPES,
@@ -19,12 +19,9 @@ from pipeline.demo_data import (
     DemoDataSummary,
     generate_demo_data,
     plan_demo_data,
-    render_background,
-    render_frame,
-    segment_pose,
-    shape_alpha,
-    synthesize_speech,
 )
+from synthetic.render import render_background, render_frame, segment_pose, shape_alpha
+from synthetic.speech import synthesize_speech
 
 W, H, FPS, SR = 160, 120, 12, 22050
 
