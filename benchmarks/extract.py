@@ -40,7 +40,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
@@ -218,7 +217,9 @@ def part_stage(args: argparse.Namespace, videos: Path) -> dict:
     from pipeline.config import load_config
     from pipeline.scan import scan
     from pipeline.stages import run_extract
-    from pipeline.workspace import Workspace
+    from store.layout import Workspace
+    from store.lineage import read_record
+    from store.reader import iter_samples
 
     cfg = load_config(None, overrides(args))
     walls, loads = [], []
@@ -235,15 +236,16 @@ def part_stage(args: argparse.Namespace, videos: Path) -> dict:
                 summary = run_extract(ws, cfg, force=True, progress=False)
                 walls.append(time.perf_counter() - t0)
                 loads.append(load1())
-        shapes, random = {}, {}
+        shapes, random, rates = {}, {}, {}
         for f in cfg.extract.fields:
-            with tarfile.open(next(ws.field_dir(f).glob("shard-*.tar"))) as tar:
-                for m in tar.getmembers():
-                    if m.name.endswith(".json"):
-                        meta = json.loads(tar.extractfile(m).read())
-                        shapes[f] = f"{meta['status']} {tuple(meta['shape'] or ())}"
-                        random[f] = meta.get("random_weights")
+            index = ws.shard_indices(f)[0]  # the one shard (one video)
+            meta = next(iter_samples(ws.shard_tar(f, index)))["json"]
+            shapes[f] = f"{meta['status']} {tuple(meta['shape'] or ())}"
+            extractor = (read_record(ws.shard_record(f, index)) or {}).get("extractor") or {}
+            random[f] = extractor.get("random_weights")
+            rates[f] = extractor.get("rate")
     return {"walls": walls, "loads": loads, "scan_s": scan_s, "shapes": shapes, "random_weights": random,
+            "rates": rates,
             "written": summary.processed, "rss_self_mib": peak_rss_mib(),
             "rss_children_ru_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "rss_child_largest_mib": children.largest_mib, "rss_total_sampled_mib": children.total_mib,
@@ -274,7 +276,7 @@ def part_models(args: argparse.Namespace, videos: Path) -> dict:
     from pipeline.captions import read_sidecar
     from pipeline.config import load_config
     from pipeline.extract import ExtractStage
-    from pipeline.workspace import Workspace
+    from store.layout import Workspace
 
     cfg = load_config(None, overrides(args))
     if cfg.extract.torch_threads > 0:
@@ -440,7 +442,8 @@ def main() -> None:
               f"at exec)")
         print(f"stage: workers {st['workers']}, torch threads {st['torch_threads']}; "
               f"scan {st['scan_s']:.1f} s (not in the stage wall)")
-        print(f"stage outputs: {st['shapes']}; random weights: {st['random_weights']}")
+        print(f"stage outputs: {st['shapes']}; random weights: {st['random_weights']}; "
+              f"rates (rows/s, from the done records): {st['rates']}")
     if mo:
         builds = {k: round(v, 1) for k, v in mo["builds"].items()}
         print(f"models part: inputs {mo['inputs']}, pre-decode {mo['predecode_s']:.1f} s, builds {builds}, "

@@ -1,13 +1,14 @@
 """Retrieval metric speed and memory at N = 10,000 (prints figures, asserts nothing).
 
-Run from the repository root: ``python benchmarks/retrieval.py``. Peak memory is measured with
-tracemalloc (numpy registers its buffers there), as the extra bytes allocated beyond the input
-similarity matrix; torch CPU allocations are invisible to tracemalloc, so the torch rows report the
-growth of the process's peak RSS instead (coarse: it only grows past earlier peaks).
+Run from the repository root: ``python benchmarks/retrieval.py`` (``--n`` for another size). Peak
+memory is measured with tracemalloc (numpy registers its buffers there), as the extra bytes allocated
+beyond the input similarity matrix; torch CPU allocations are invisible to tracemalloc, so the torch
+rows report the growth of the process's peak RSS instead (coarse: it only grows past earlier peaks).
 """
 
 from __future__ import annotations
 
+import argparse
 import resource
 import sys
 import time
@@ -48,6 +49,10 @@ def timed_traced(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, float,
 
 
 def main() -> None:
+    global N
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=N, help=f"queries and clips (default {N})")
+    N = ap.parse_args().n
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"numpy {np.__version__}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
     rng = np.random.default_rng(0)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
-from model.data import crop_audio, decode_video, empty_counts, list_shards, pool_video, zip_shard
+from model.data import Rates, crop_audio, decode_video, empty_counts, pool_video
+from store.reader import FeatureSet, zip_shard
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +42,13 @@ class ClipSet:
 @dataclass
 class ClipSetConfig:
     audio_frames: int = 1000  # log-mel frames per clip (YouCook2: 5120, MSR-VTT: 3072 in the paper)
-    audio_rate: float = 100.0
-    fps_2d: float = 1.0
-    fps_3d: float = 1.5
     max_words: int = 20
     max_clips: int | None = None  # keep the first N clips (None: all)
 
 
-def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | None = None) -> ClipSet:
-    """One clip per caption of every usable video in `features_dir` (optionally only `video_ids`).
+def build_clipset(features: FeatureSet, cfg: ClipSetConfig, video_ids: set[str] | None = None) -> ClipSet:
+    """One clip per caption of every usable video of `features` (optionally only `video_ids`); the
+    streams' rates come from the features' done records.
 
     Captions without any known word are not queries (counted in `problems`: a zero text vector
     would be ranked silently); so are videos whose visual features failed.
@@ -59,10 +56,11 @@ def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | 
     counts = empty_counts()
     counts["queries_without_words"] = 0
     rows: dict[str, list] = {k: [] for k in ("ids", "s", "e", "cap", "video", "audio", "nf", "mask", "text", "len")}
-    problems: list[str] = []
-    for shard in list_shards(Path(features_dir)):
+    problems: list[str] = list(features.problems)
+    rates = Rates.of(features) if features.shards else None
+    for shard in features.shards:
         for raw in zip_shard(shard, counts):
-            v = decode_video(raw, counts)
+            v = decode_video(raw, counts, rates)
             if v is None or (video_ids is not None and v.key not in video_ids):
                 continue
             d2 = v.video2d.shape[1]
@@ -72,9 +70,9 @@ def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | 
                     continue
                 s, e = float(v.starts[i]), float(v.ends[i])
                 vec = np.zeros(d2 + v.video3d.shape[1], dtype=np.float32)
-                vec[:d2] = pool_video(v.video2d, s, e, cfg.fps_2d)
-                vec[d2:] = pool_video(v.video3d, s, e, cfg.fps_3d)
-                mel, nf = crop_audio(v.audio, s, e, cfg.audio_rate, cfg.audio_frames)
+                vec[:d2] = pool_video(v.video2d, s, e, rates.video2d)
+                vec[d2:] = pool_video(v.video3d, s, e, rates.video3d)
+                mel, nf = crop_audio(v.audio, s, e, rates.audio, cfg.audio_frames)
                 words = np.zeros((cfg.max_words, v.words.shape[2]), np.float16)
                 n = min(int(v.lengths[i]), cfg.max_words)
                 words[:n] = v.words[i, :n]
@@ -93,7 +91,7 @@ def build_clipset(features_dir: Path, cfg: ClipSetConfig, video_ids: set[str] | 
             rows[key] = rows[key][: cfg.max_clips]
         n = cfg.max_clips
     if n == 0:
-        raise ValueError(f"no valid clip in {features_dir} ({'; '.join(problems) or 'no usable video'})")
+        raise ValueError(f"no valid clip in {features.ws.features_dir} ({'; '.join(problems) or 'no usable video'})")
     return ClipSet(
         video_ids=rows["ids"], starts=np.asarray(rows["s"]), ends=np.asarray(rows["e"]), captions=rows["cap"],
         video=np.stack(rows["video"]), audio=np.stack(rows["audio"]), nframes=np.asarray(rows["nf"], np.int64),

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.thumbnails import image_mime, thumbnail
+from store import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -479,11 +479,6 @@ def write_report(path: Path, data: ReportData, *, max_queries: int = 10, top_k: 
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(data, max_queries=max_queries, top_k=top_k, clips_per_cluster=clips_per_cluster,
                          thumb_width=thumb_width, workers=workers, self_check=self_check)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_text(out, text)
     logger.info("wrote report %s (%.1f kB)", out, len(text) / 1024)
     return out

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from evaluation.scoring import fused_targets
+
 logger = logging.getLogger(__name__)
 
 Ties = Literal["pessimistic", "optimistic", "average"]
@@ -285,7 +287,7 @@ def retrieval_report(
         if n_kept == 0:
             report["text_to_video_audio"] = _all_missing(total)
         else:
-            ranks = _ranks_from_embeddings(t[keep], v[keep] + a[keep], ties, chunk_size)
+            ranks = _ranks_from_embeddings(t[keep], fused_targets(v[keep], a[keep]), ties, chunk_size)
             report["text_to_video_audio"] = _metrics_from_ranks(ranks, n_kept, total)
     report["video_to_text"] = _metrics_from_ranks(_ranks_from_embeddings(v, t, ties, chunk_size), n, total)
     return report

@@ -2,58 +2,45 @@
 
 Every caption segment of every usable video is one clip (:func:`evaluation.clipset.build_clipset`:
 video rows max-pooled over the segment as in training, audio cropped/padded to
-``ClipSetConfig.audio_frames``); its video and audio embeddings are computed once and cached on disk:
+``ClipSetConfig.audio_frames``); its video and audio embeddings are computed once and saved:
 
-    cache_dir/index.json       key, clip descriptions (video id, start, end, caption), problems
+    cache_dir/index.json       clip descriptions (video id, start, end, caption), problems
     cache_dir/video.npy        (N, D) float32 video embeddings
     cache_dir/audio.npy        (N, D) float32 audio embeddings (rows of silent clips are meaningless)
     cache_dir/audio_mask.npy   (N,) bool, True where the clip has audio
 
-The cache is reused when its key equals the current one: the checkpoint's content (sha256; the hash
-is recomputed only when the file's path, size or mtime changed), the features (the done records'
-fingerprint, sha256 and size of every field of every complete shard) and the clip configuration.
-A rebuild first deletes ``index.json``, writes the arrays atomically, and writes ``index.json`` last,
-so an interrupted rebuild never leaves a cache that looks valid. Concurrent builders of the same
-cache directory are not coordinated (the last one wins, each writes a complete cache).
+Whether a saved index is still current (same checkpoint, features and clip settings) is not decided
+here: the pipeline's runner keeps the index's lineage in its record (``mcn search``).
 
 A query's score against clip ``i`` is ``t · (v_i + a_i)``, the audio term only for clips with audio
-(``t`` = ``model.embed_text`` of the query's word vectors, zero-padded to ``max_words`` rows as the
-captions in training). A query without any known word is refused (``ValueError``), never ranked as
-a zero vector.
+(:func:`evaluation.scoring.clip_scores`; ``t`` = ``model.embed_text`` of the query's word vectors,
+zero-padded to ``max_words`` rows as the captions in training). A query without any known word is
+refused (``ValueError``), never ranked as a zero vector.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from evaluation.clipset import ClipSetConfig, build_clipset
 from evaluation.embed import embed_clipset
-from extractors.weights import file_sha256
-from model.data import FIELDS, list_shards
-from pipeline import atomic
+from evaluation.scoring import clip_scores
+from store import atomic
+from store.reader import FeatureSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CACHE_VERSION",
-    "Hit",
-    "SearchIndex",
-    "checkpoint_identity",
-    "features_fingerprint",
-    "search_text",
-]
+__all__ = ["CODE_VERSION", "Hit", "SearchIndex", "search_text"]
 
-CACHE_VERSION = 1
+#: Version of the index's content in its lineage: bump it when the embedded clips change.
+CODE_VERSION = "search-index-2"
 TextExtractor = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 _ARRAYS = ("video", "audio", "audio_mask")
 _CHUNK = 65536  # clips scored at once
@@ -70,37 +57,6 @@ class Hit:
     score: float
 
 
-def checkpoint_identity(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"path", "size", "mtime_ns", "sha256"}`` of a checkpoint file.
-
-    The sha256 of ``previous`` (an identity stored earlier) is reused when path, size and mtime_ns are
-    unchanged; otherwise the file is hashed.
-    """
-    path = Path(path)
-    st = path.stat()
-    ident: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    stat_keys = ("path", "size", "mtime_ns")
-    if previous and previous.get("sha256") and all(previous.get(k) == ident[k] for k in stat_keys):
-        ident["sha256"] = previous["sha256"]
-    else:
-        ident["sha256"] = file_sha256(path)
-    return ident
-
-
-def features_fingerprint(features_dir: Path) -> str:
-    """sha256 over ``(shard, field, fingerprint, sha256, bytes)`` of the done records of every shard
-    complete in all four fields (the shards :func:`model.data.list_shards` reads)."""
-    parts: list[Any] = []
-    for shard in list_shards(Path(features_dir)):
-        for f in FIELDS:
-            try:
-                rec = json.loads(shard.paths[f].with_suffix(".json").read_text())
-            except (OSError, ValueError) as exc:  # list_shards read it a moment ago: a concurrent writer
-                raise RuntimeError(f"done record of {shard.paths[f]} became unreadable: {exc}") from exc
-            parts.append([shard.index, f, rec.get("fingerprint"), rec.get("sha256"), rec.get("bytes")])
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -113,8 +69,8 @@ class SearchIndex:
     """N clips with their cached embeddings.
 
     video_ids/captions (N,), starts/ends (N,) float64 seconds, video/audio (N, D) float32 (memory-mapped
-    when read from the cache), audio_mask (N,) bool. ``key`` is the cache key, ``from_cache`` tells
-    whether the embeddings were read from ``cache_dir`` rather than computed.
+    when read from the cache), audio_mask (N,) bool. ``from_cache`` tells whether the embeddings were
+    read from ``cache_dir`` rather than computed.
     """
 
     video_ids: list[str]
@@ -126,7 +82,6 @@ class SearchIndex:
     audio_mask: np.ndarray
     checkpoint: Path
     cache_dir: Path
-    key: dict[str, Any]
     from_cache: bool = False
     problems: list[str] = field(default_factory=list)
     max_words: int = 20
@@ -139,7 +94,7 @@ class SearchIndex:
     @classmethod
     def build(
         cls,
-        features_dir: Path,
+        features: FeatureSet,
         checkpoint: Path,
         cache_dir: Path,
         *,
@@ -147,59 +102,29 @@ class SearchIndex:
         clip_config: ClipSetConfig | None = None,
         batch_size: int = 256,
         device: torch.device | str = "cpu",
-        rebuild: bool = False,
     ) -> SearchIndex:
-        """The index of ``features_dir`` (``WS/features``) for ``checkpoint``, from ``cache_dir`` when valid.
+        """Embed every clip of ``features`` with ``checkpoint`` and save the index in ``cache_dir``.
 
         ``model``: the MCN of ``checkpoint`` already loaded (trusted to match it); None loads it with
-        :func:`model.checkpoint.load_mcn` only if the embeddings must be computed (or at the first
-        search). ``rebuild`` ignores a valid cache.
+        :func:`model.checkpoint.load_mcn`. ``index.json`` is removed first and written last, so an
+        interrupted build never leaves an index that loads.
         """
-        features_dir, checkpoint, cache_dir = Path(features_dir), Path(checkpoint), Path(cache_dir)
+        checkpoint, cache_dir = Path(checkpoint), Path(cache_dir)
         cfg = clip_config or ClipSetConfig()
-        meta_path = cache_dir / "index.json"
-        old: dict[str, Any] | None = None
-        if meta_path.exists():
-            try:
-                old = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as exc:
-                logger.warning("search cache %s unreadable (%s): rebuilding", meta_path, exc)
-        old_ckpt = old.get("checkpoint") if isinstance(old, dict) else None
-        ident = checkpoint_identity(checkpoint, old_ckpt if isinstance(old_ckpt, dict) else None)
-        key = {
-            "version": CACHE_VERSION,
-            "checkpoint_sha256": ident["sha256"],
-            "features": features_fingerprint(features_dir),
-            "clip_config": dataclasses.asdict(cfg),
-        }
-        if old is not None and not rebuild and old.get("key") == key:
-            index = cls._load(old, checkpoint, cache_dir, key, cfg, model)
-            if index is not None:
-                if old_ckpt != ident:  # same content, moved or touched: remember the new stat
-                    old["checkpoint"] = ident
-                    atomic.write_json(meta_path, old)
-                logger.info("search index: %d clips from the cache %s", len(index), cache_dir)
-                return index
-        elif old is not None and not rebuild:
-            changed = [k for k in key if not isinstance(old.get("key"), dict) or old["key"].get(k) != key[k]]
-            logger.info("search cache %s is stale (%s changed): rebuilding", cache_dir, ", ".join(changed))
-
         if model is None:
             from model.checkpoint import load_mcn
 
             model = load_mcn(checkpoint)
-        clips = build_clipset(features_dir, cfg)
+        clips = build_clipset(features, cfg)
         emb = embed_clipset(model, clips, batch_size=batch_size, device=device)
         arrays = {"video": emb["video"].astype(np.float32), "audio": emb["audio"].astype(np.float32),
                   "audio_mask": clips.audio_mask.astype(bool)}
         cache_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # the arrays below no longer match any index.json
+        (cache_dir / "index.json").unlink(missing_ok=True)  # the arrays below no longer match any index
         for name in _ARRAYS:
             with atomic.atomic_open(cache_dir / f"{name}.npy", "wb") as fh:
                 np.save(fh, arrays[name], allow_pickle=False)
         meta = {
-            "key": key,
-            "checkpoint": ident,
             "n_clips": len(clips),
             "dim": int(arrays["video"].shape[1]),
             "video_ids": list(clips.video_ids),
@@ -208,21 +133,25 @@ class SearchIndex:
             "captions": list(clips.captions),
             "problems": list(clips.problems),
         }
-        atomic.write_json(meta_path, meta)
-        logger.info("search index: %d clips embedded and cached in %s", len(clips), cache_dir)
+        atomic.write_json(cache_dir / "index.json", meta)
+        logger.info("search index: %d clips embedded and saved in %s", len(clips), cache_dir)
         return cls(
             video_ids=list(clips.video_ids), starts=np.asarray(clips.starts, np.float64),
             ends=np.asarray(clips.ends, np.float64), captions=list(clips.captions), video=arrays["video"],
             audio=arrays["audio"], audio_mask=arrays["audio_mask"], checkpoint=checkpoint,
-            cache_dir=cache_dir, key=key, from_cache=False, problems=list(clips.problems),
+            cache_dir=cache_dir, from_cache=False, problems=list(clips.problems),
             max_words=cfg.max_words, model=model,
         )
 
     @classmethod
-    def _load(cls, meta: dict[str, Any], checkpoint: Path, cache_dir: Path, key: dict[str, Any],
-              cfg: ClipSetConfig, model: torch.nn.Module | None) -> SearchIndex | None:
-        """The cached index, or None (logged) when its files are missing or inconsistent."""
+    def load(cls, cache_dir: Path, checkpoint: Path, *, clip_config: ClipSetConfig | None = None,
+             model: torch.nn.Module | None = None) -> SearchIndex:
+        """The index saved in ``cache_dir`` (arrays memory-mapped); ValueError when its files are
+        missing or disagree with each other."""
+        cache_dir = Path(cache_dir)
+        cfg = clip_config or ClipSetConfig()
         try:
+            meta = json.loads((cache_dir / "index.json").read_text())
             n, dim = int(meta["n_clips"]), int(meta["dim"])
             arrays = {name: np.load(cache_dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                       for name in _ARRAYS}
@@ -233,13 +162,12 @@ class SearchIndex:
             if not ok:
                 raise ValueError("array shapes or clip lists disagree with index.json")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("search cache %s is damaged (%s): rebuilding", cache_dir, exc)
-            return None
+            raise ValueError(f"search index {cache_dir} is damaged ({exc})") from None
         return cls(
             video_ids=[str(x) for x in meta["video_ids"]], starts=np.asarray(meta["starts"], np.float64),
             ends=np.asarray(meta["ends"], np.float64), captions=[str(x) for x in meta["captions"]],
             video=arrays["video"], audio=arrays["audio"], audio_mask=np.asarray(arrays["audio_mask"]),
-            checkpoint=checkpoint, cache_dir=cache_dir, key=key, from_cache=True,
+            checkpoint=Path(checkpoint), cache_dir=cache_dir, from_cache=True,
             problems=list(meta.get("problems", [])), max_words=cfg.max_words, model=model,
         )
 
@@ -284,9 +212,7 @@ class SearchIndex:
         out = np.empty(len(self), dtype=np.float64)
         for i in range(0, len(self), _CHUNK):
             sl = slice(i, min(len(self), i + _CHUNK))
-            s = np.asarray(self.video[sl], dtype=np.float64) @ t
-            s += np.where(self.audio_mask[sl], np.asarray(self.audio[sl], dtype=np.float64) @ t, 0.0)
-            out[sl] = s
+            out[sl] = clip_scores(t[None, :], self.video[sl], self.audio[sl], self.audio_mask[sl])[0]
         return out
 
     def search(self, words: np.ndarray, length: int, top: int = 10, *,

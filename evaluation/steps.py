@@ -36,12 +36,9 @@ reference evaluated the videos it had features for). Videos of a task without a 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +46,10 @@ import torch
 
 from evaluation.annotations import StepAnnotations
 from evaluation.localization import crosstask_recall, ordered_step_assignment
-from model.data import crop_audio, empty_counts, list_shards, pool_video, zip_shard
+from evaluation.scoring import clip_scores
+from model.data import crop_audio, empty_counts, pool_video
+from store.fields import OK, visual_unusable_reason
+from store.reader import CorruptMember, FeatureSet, decode_member, zip_shard
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TaskSteps:
 # Per-second inputs
 
 
-def per_second_video(video2d: np.ndarray, video3d: np.ndarray, fps_3d: float = 1.5) -> np.ndarray:
+def per_second_video(video2d: np.ndarray, video3d: np.ndarray, fps_3d: float) -> np.ndarray:
     """One video vector per second: (T2, D2), (T3, D3) → (T2, D2 + D3) float32, T2 ≥ 0, T3 ≥ 1.
 
     Row ``t`` = ``pool_video(video2d, t, t + 1 - 1e-6, 1)`` (= L2(2D row t)) ‖
@@ -125,8 +125,8 @@ def per_second_video(video2d: np.ndarray, video3d: np.ndarray, fps_3d: float = 1
     return out
 
 
-def audio_windows(mel: np.ndarray, seconds: np.ndarray, window_s: float = 8.0,
-                  rate: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+def audio_windows(mel: np.ndarray, seconds: np.ndarray, window_s: float,
+                  rate: float) -> tuple[np.ndarray, np.ndarray]:
     """Log-mel windows centred on the middle of each second.
 
     mel (Ta, n_mels), seconds (B,) ints → ((B, n_mels, round(window_s·rate)) float16, (B,) int64 frames
@@ -152,7 +152,7 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, window_s: float = 8.0,
-                  audio_rate: float = 100.0, batch_size: int = 256,
+                  audio_rate: float, batch_size: int = 256,
                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Per-second embeddings of one video.
 
@@ -200,12 +200,8 @@ def embed_task_steps(model: torch.nn.Module, text_extractor: TextExtractor, step
 def step_scores(video: np.ndarray, audio: np.ndarray | None, audio_mask: np.ndarray,
                 text: np.ndarray) -> np.ndarray:
     """(T, D), (T, D) or None, (T,) bool, (S, D) → (T, S) float64 ``text · (video + audio)``,
-    the audio term only where ``audio_mask``."""
-    t = text.astype(np.float64)
-    scores = video.astype(np.float64) @ t.T
-    if audio is not None and audio_mask.any():
-        scores += np.where(audio_mask[:, None], audio.astype(np.float64) @ t.T, 0.0)
-    return scores
+    the audio term only where ``audio_mask`` (:func:`evaluation.scoring.clip_scores`)."""
+    return clip_scores(text, video, audio, audio_mask).T
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,13 +209,13 @@ def step_scores(video: np.ndarray, audio: np.ndarray | None, audio_mask: np.ndar
 
 
 def _npy(data: bytes) -> np.ndarray:
-    a = np.load(io.BytesIO(data), allow_pickle=False)
+    a = decode_member("feat.npy", data)
     if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind not in "fiu":
         raise ValueError("not a 2-D numeric array")
     return a
 
 
-def _decode_visual(key: str, raw: dict[str, dict[str, Any]], fps_3d: float, video_dim: int,
+def _decode_visual(key: str, raw: dict[str, dict[str, Any]], rates: dict[str, float], video_dim: int,
                    n_mels: int) -> tuple[SecondInputs | None, str | None]:
     """Per-second inputs of one zipped sample (text is not needed: ``no_captions`` is fine).
 
@@ -227,13 +223,16 @@ def _decode_visual(key: str, raw: dict[str, dict[str, Any]], fps_3d: float, vide
     ValueError when the feature sizes do not fit the model (a configuration error, not a bad video).
     """
     try:
-        meta = {f: json.loads(raw[f]["json"].decode("utf-8")) for f in ("video2d", "video3d", "audio")}
-        for f in ("video2d", "video3d"):
-            if meta[f].get("status") != "ok":
-                return None, f"{f} status {meta[f].get('status')!r}"
+        meta = {f: decode_member("json", raw[f]["json"]) for f in ("video2d", "video3d", "audio")}
+        why = visual_unusable_reason({f: m.get("status") for f, m in meta.items()})
+        if why is not None:
+            return None, why
+        for f, m in meta.items():
+            if m.get("status") == OK and m.get("rate") is not None and float(m["rate"]) != rates[f]:
+                return None, f"corrupted sample ({f} says {m['rate']} rows/s, its shard's record {rates[f]})"
         v2, v3 = _npy(raw["video2d"]["feat.npy"]), _npy(raw["video3d"]["feat.npy"])
-        mel = _npy(raw["audio"]["feat.npy"]) if meta["audio"].get("status") == "ok" else None
-    except (KeyError, ValueError, TypeError, UnicodeDecodeError, EOFError, OSError) as exc:
+        mel = _npy(raw["audio"]["feat.npy"]) if meta["audio"].get("status") == OK else None
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, EOFError, OSError, CorruptMember) as exc:
         return None, f"corrupted sample ({type(exc).__name__}: {exc})"
     if v2.shape[0] == 0 or v3.shape[0] == 0:
         return None, f"no visual row (2D {v2.shape[0]}, 3D {v3.shape[0]})"
@@ -242,15 +241,15 @@ def _decode_visual(key: str, raw: dict[str, dict[str, Any]], fps_3d: float, vide
                          f"the model's video_dim {video_dim}")
     if mel is not None and mel.shape[1] != n_mels:
         raise ValueError(f"video {key}: {mel.shape[1]} mel bands, the model expects {n_mels}")
-    return SecondInputs(key, per_second_video(v2, v3, fps_3d), mel), None
+    return SecondInputs(key, per_second_video(v2, v3, rates["video3d"]), mel), None
 
 
-def _iter_annotated(features_dir: Path, wanted: set[str], problems: list[str]
+def _iter_annotated(features: FeatureSet, wanted: set[str], problems: list[str]
                     ) -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
     """(key, raw sample) of the wanted videos in every complete shard, first occurrence only."""
     counts = empty_counts()
     seen: set[str] = set()
-    for shard in list_shards(Path(features_dir)):
+    for shard in features.shards:
         for raw in zip_shard(shard, counts):
             key = raw["video2d"]["__key__"]
             if key not in wanted:
@@ -276,7 +275,7 @@ def _listing(items: list[str]) -> str:
 
 def localize(
     model: torch.nn.Module,
-    features_dir: Path,
+    features: FeatureSet,
     ann: StepAnnotations,
     text_extractor: TextExtractor,
     *,
@@ -284,14 +283,13 @@ def localize(
     audio_window_s: float = 8.0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    fps_3d: float = 1.5,
-    audio_rate: float = 100.0,
 ) -> dict[str, Any]:
-    """Step localization recall of ``model`` on the annotated videos found in ``features_dir``.
+    """Step localization recall of ``model`` on the annotated videos found in ``features``.
 
     Args:
         model: an MCN (``embed_video`` / ``embed_audio`` / ``embed_text``, ``config``); moved to ``device``.
-        features_dir: ``WS/features`` (docs/formats.md); only shards complete in all four fields are read.
+        features: the workspace's feature shards (:func:`store.reader.open_features`); the 3D and audio
+            rates come from their done records.
         ann: from ``parse_crosstask_annotations(..., tasks=...)`` or ``parse_mining_youtube``; the step
             texts come from ``ann.task_steps``.
         text_extractor: ``ex(list_of_str) -> (words (N, W, text_dim), lengths (N,))``, the one the
@@ -317,6 +315,13 @@ def localize(
     no_steps: list[str] = []
     n_no_audio = 0
     video_dim = int(model.config.video_dim)
+    rates: dict[str, float] = {}
+    if features.shards:  # rows per second, from the done records
+        rates = {f: features.rate(f) for f in ("video2d", "video3d", "audio")}
+        if rates["video2d"] != 1.0:
+            raise ValueError(f"step localization takes one input per second from the 2D rows (SPEC §6): it "
+                             f"needs 2D features at 1 row/s, their done records say {rates['video2d']} rows/s")
+        audio_rate = rates["audio"]
 
     def task_steps(task: str) -> TaskSteps | None:
         if task not in task_cache:
@@ -334,13 +339,13 @@ def localize(
                 task_cache[task] = ts
         return task_cache[task]
 
-    for key, raw in _iter_annotated(Path(features_dir), wanted, problems):
+    for key, raw in _iter_annotated(features, wanted, problems):
         task = ann.task_of.get(key)
         ts = task_steps(task) if task is not None else None
         if ts is None:
             no_steps.append(key)
             continue
-        inputs, why = _decode_visual(key, raw, fps_3d, video_dim, int(model.config.n_mels))
+        inputs, why = _decode_visual(key, raw, rates, video_dim, int(model.config.n_mels))
         if inputs is None:
             unusable[key] = str(why)
             continue
@@ -361,7 +366,7 @@ def localize(
         problems.append(f"{len(unusable)} annotated video(s) without usable visual features: "
                         + _listing([f"{k} ({why})" for k, why in sorted(unusable.items())]))
     if not pred:
-        problems.append(f"no annotated video could be evaluated in {features_dir}")
+        problems.append(f"no annotated video could be evaluated in {features.ws.features_dir}")
     for message in problems:
         if "no known word" not in message:  # those were logged when found
             logger.warning("%s", message)

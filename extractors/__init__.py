@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "extractors.base": ("FIELDS", "FeatureExtractor", "VisualConfig", "available", "create", "get_extractor",
+    "extractors.base": ("FeatureExtractor", "VisualConfig", "available", "create", "get_extractor",
                         "register", "resolve_device"),
     "extractors.logmel": ("LogMelConfig", "LogMelExtractor"),
     "extractors.resnet2d": ("ResNet152Config", "ResNet152Extractor", "resnet152_trunk"),
@@ -20,7 +20,7 @@ _EXPORTS = {
                              "windows_from_frames"),
     "extractors.text": ("HFTokensConfig", "HFTokensExtractor", "Word2VecConfig", "Word2VecExtractor",
                         "minilm_path", "tokenize"),
-    "extractors.weights": ("MissingWeightsError", "WeightsRef", "file_sha256", "load_state_dict_file",
+    "extractors.weights": ("MissingWeightsError", "WeightsRef", "load_state_dict_file",
                            "resolve_weights"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

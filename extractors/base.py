@@ -19,10 +19,12 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from store.fields import FIELDS
+from store.lineage import RUNTIME
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FIELDS",
     "FeatureExtractor",
     "VisualConfig",
     "as_uint8_tensor",
@@ -33,8 +35,6 @@ __all__ = [
     "register",
     "resolve_device",
 ]
-
-FIELDS: tuple[str, ...] = ("video2d", "video3d", "audio", "text")
 
 
 class FeatureExtractor(ABC):
@@ -173,9 +173,9 @@ class VisualConfig:
     weights: str | None = None
     allow_random_weights: bool = False
     seed: int = 0
-    device: str = "auto"
-    batch_size: int = 64
-    amp: bool = True
+    device: str = dataclasses.field(default="auto", metadata=RUNTIME)
+    batch_size: int = dataclasses.field(default=64, metadata=RUNTIME)
+    amp: bool = dataclasses.field(default=True, metadata=RUNTIME)
 
 
 class VisualExtractor(FeatureExtractor):

@@ -37,13 +37,15 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from store.lineage import RUNTIME
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +70,16 @@ class NoAudioError(DecodeError):
 class DecodeConfig:
     """Decoding and sampling settings (rates in frames / s, sizes in pixels)."""
 
-    backend: str = "decord"  # "decord" | "pyav" (keys of VISUAL_BACKENDS)
+    backend: str = field(default="decord", metadata=RUNTIME)  # "decord" | "pyav" (keys of VISUAL_BACKENDS)
     fps_2d: float = 1.0  # 2D sampling rate (frames / s)
     size_2d: int = 224  # shorter side of 2D frames (no crop, aspect kept, even sizes)
     fps_3d: float = 24.0  # 3D sampling rate
     size_3d: int = 112  # shorter side, then centre crop crop_3d × crop_3d
     crop_3d: int = 112
-    chunk_seconds: float = 10.0  # decode this much video per chunk: bounded memory
-    threads: int = 1  # decoder threads
+    chunk_seconds: float = field(default=10.0, metadata=RUNTIME)  # video decoded per chunk: bounded memory
+    threads: int = field(default=1, metadata=RUNTIME)  # decoder threads
     audio_rate: int = 16000  # Hz, mono
-    fallback_pyav: bool = True  # decord backend: use PyAV for files decord cannot open/index
+    fallback_pyav: bool = field(default=True, metadata=RUNTIME)  # decord: PyAV for files it cannot open
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot work."""

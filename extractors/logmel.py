@@ -21,12 +21,14 @@ output, memory is bounded by the chunk size. Computation is in float64 on the CP
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torchaudio.functional as AF
+
+from store.lineage import RUNTIME
 
 from .base import FeatureExtractor, register
 
@@ -52,7 +54,7 @@ class LogMelConfig:
     preemphasis: float = 0.97
     top_db: float | None = 80.0
     amin: float = 1e-10
-    chunk_seconds: float = 60.0
+    chunk_seconds: float = field(default=60.0, metadata=RUNTIME)
 
 
 def reflect_indices(idx: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import json
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from .base import FeatureExtractor, register, resolve_device
-from .weights import MissingWeightsError, file_sha256, resolve_weights
+from store.lineage import RUNTIME, sha256_file
+
+from .weights import MissingWeightsError, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def folder_identity(folder: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
     for p in files:
-        digest.update(f"{p.name}\t{file_sha256(p)}\n".encode())
+        digest.update(f"{p.name}\t{sha256_file(p)}\n".encode())
     return digest.hexdigest()
 
 
@@ -167,8 +169,8 @@ class HFTokensConfig:
 
     model_path: str | None = None
     max_words: int = 20
-    device: str = "auto"
-    batch_size: int = 64
+    device: str = field(default="auto", metadata=RUNTIME)
+    batch_size: int = field(default=64, metadata=RUNTIME)
 
 
 @register

@@ -13,15 +13,15 @@ The identity of a real file is the sha256 of its bytes; of random weights ``rand
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from store.lineage import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ __all__ = [
     "MissingWeightsError",
     "WeightsRef",
     "checkpoint_dir",
-    "file_sha256",
     "load_state_dict_file",
     "random_identity",
     "resolve_weights",
@@ -65,22 +64,6 @@ def random_identity(seed: int) -> str:
     return f"random-init-seed{seed}"
 
 
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 hex digest of a file's bytes, memoised by (resolved path, size, mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return _sha256_cached(str(p), st.st_size, st.st_mtime_ns)
-
-
 def resolve_weights(
     path: str | os.PathLike[str] | None,
     filename: str,
@@ -110,12 +93,12 @@ def resolve_weights(
         candidate = explicit / filename if explicit.is_dir() else explicit
         looked.append(candidate)
         if candidate.is_file():
-            return WeightsRef(candidate, file_sha256(candidate), False)
+            return WeightsRef(candidate, sha256_file(candidate), False)
         raise MissingWeightsError(_missing_message(what, filename, looked, hint, explicit=True))
     default = checkpoint_dir() / filename
     looked.append(default)
     if default.is_file():
-        return WeightsRef(default, file_sha256(default), False)
+        return WeightsRef(default, sha256_file(default), False)
     if allow_random:
         logger.warning(
             "!!! %s: %s not found (looked in %s); using RANDOMLY INITIALISED weights (seed %d). "

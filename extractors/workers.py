@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from store.lineage import RUNTIME
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,10 +58,10 @@ class Event:
 class WorkerConfig:
     """Pool settings."""
 
-    num_workers: int = 2  # 0: run in-process (debugging; no timeout, no crash isolation)
-    timeout_s: float = 600.0  # a task making no progress (no item produced) for this long is killed
-    max_tasks_per_worker: int = 50  # recycle workers (decord leaks)
-    queue_size: int = 4  # items a worker may produce ahead of the consumer (backpressure)
+    num_workers: int = field(default=2, metadata=RUNTIME)  # 0: run in-process (debugging; no timeout, no crash isolation)
+    timeout_s: float = field(default=600.0, metadata=RUNTIME)  # a task making no progress (no item produced) for this long is killed
+    max_tasks_per_worker: int = field(default=50, metadata=RUNTIME)  # recycle workers (decord leaks)
+    queue_size: int = field(default=4, metadata=RUNTIME)  # items a worker may produce ahead of the consumer (backpressure)
 
     def validate(self) -> None:
         if (self.num_workers < 0 or self.timeout_s <= 0 or self.max_tasks_per_worker < 1

@@ -1,13 +1,12 @@
 """Training clips from feature shards (SPEC §2, docs/formats.md).
 
 Reading
-    The four field shards ``WS/features/{video2d,video3d,audio,text}/shard-NNNNNN.tar`` are streamed
-    with webdataset's tar iterators (sequential reads, no random access) and zipped by key. Only
-    ``.json`` and ``.npy`` members are decoded (``np.load(allow_pickle=False)``); nothing is
-    unpickled. Fields carry the same keys in the same order by construction; the zip is a merge-join
-    on the order of the shard's done record, so a key missing from one field costs that one video
-    (counted as ``key_mismatch``), not the rest of the shard. Only shards whose done records exist
-    for all four fields are read.
+    The shards of a :class:`store.reader.FeatureSet` (those whose done records exist for all four
+    fields) are streamed and zipped by key with :func:`store.reader.zip_shard` (sequential reads; only
+    npy / json / txt members are ever decoded, and npy members only when their header declares the
+    bytes they hold). A key missing from one field costs that one video (``key_mismatch``), not the
+    rest of the shard. The rates (rows per second) of the streams come from the done records
+    (:class:`Rates`), never from constants.
 
 Order (deterministic given ``seed, epoch, rank, world, num_workers``)
     For epoch ``e`` the global shard sequence is ``perm(e, 0) ‖ perm(e, 1) ‖ ...`` (an endless
@@ -29,26 +28,22 @@ Data position
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import re
-import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from store.fields import FIELDS, NO_CAPTIONS, OK, unusable_reason
+from store.lineage import RUNTIME
+from store.reader import CorruptMember, FeatureSet, ShardInfo, decode_member, zip_shard
 
 logger = logging.getLogger(__name__)
 
-FIELDS: tuple[str, ...] = ("video2d", "video3d", "audio", "text")
 COUNTERS: tuple[str, ...] = (
     "videos",  # videos turned into clips
     "clips",
@@ -59,7 +54,6 @@ COUNTERS: tuple[str, ...] = (
     "corrupted_samples",
     "corrupted_shards",
 )
-_SHARD_RE = re.compile(r"^shard-(\d+)\.tar$")
 
 
 @dataclass
@@ -69,28 +63,28 @@ class DataConfig:
     n_pair: int = 32  # clips per video
     min_time: float = 10.0  # seconds a merged caption span must reach
     audio_frames: int = 1000  # log-mel frames per clip (crop / zero-pad)
-    audio_rate: float = 100.0  # log-mel frames per second
-    video_fps_2d: float = 1.0
-    video_fps_3d: float = 1.5
     max_words: int = 20
     shuffle_buffer: int = 64  # decoded videos held per data worker
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    pin_memory: bool = True
+    num_workers: int = 2  # logical data workers: part of the data order (see the module docstring)
+    prefetch_factor: int = field(default=2, metadata=RUNTIME)
+    pin_memory: bool = field(default=True, metadata=RUNTIME)
     seed: int = 0
     batches_per_epoch: int | None = None  # per rank; None: usable videos // global batch (≥ 1)
-    check_sizes: bool = True  # a tar whose size differs from its done record is skipped
-    mp_context: str | None = None  # DataLoader worker start method (None: platform default)
+    check_sizes: bool = field(default=True, metadata=RUNTIME)  # a tar of another size than its record: left out
+    mp_context: str | None = field(default=None, metadata=RUNTIME)  # DataLoader worker start method
 
 
-@dataclass
-class ShardInfo:
-    """One shard index with its four field tars and what the done records say about it."""
+@dataclass(frozen=True)
+class Rates:
+    """Rows per second of the three streams, from the features' done records."""
 
-    index: int
-    paths: dict[str, Path]
-    n_videos: int
-    n_usable: int  # videos usable for training according to the done records
+    video2d: float
+    video3d: float
+    audio: float
+
+    @classmethod
+    def of(cls, features: FeatureSet) -> "Rates":
+        return cls(features.rate("video2d"), features.rate("video3d"), features.rate("audio"))
 
 
 @dataclass
@@ -118,65 +112,7 @@ def empty_counts() -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Shard discovery
-
-
-def _video_usable(statuses: dict[str, str]) -> bool:
-    """Usable for training given the per-field statuses of one video."""
-    return (
-        statuses.get("video2d") == "ok"
-        and statuses.get("video3d") == "ok"
-        and statuses.get("text") == "ok"
-        and statuses.get("audio") in ("ok", "no_audio")
-    )
-
-
-def list_shards(features_dir: Path, check_sizes: bool = True) -> list[ShardInfo]:
-    """Shards whose done records exist for all four fields, sorted by index.
-
-    A done record that cannot be parsed, or a tar whose size differs from the record's ``bytes``,
-    excludes the shard (logged).
-    """
-    features_dir = Path(features_dir)
-    indices: set[int] | None = None
-    for f in FIELDS:
-        found = {int(m.group(1)) for p in (features_dir / f).glob("shard-*.tar")
-                 if (m := _SHARD_RE.match(p.name))}
-        indices = found if indices is None else indices & found
-    shards: list[ShardInfo] = []
-    for idx in sorted(indices or ()):
-        paths: dict[str, Path] = {}
-        statuses: dict[str, dict[str, str]] = {}
-        n_videos = 0
-        ok = True
-        for f in FIELDS:
-            tar = features_dir / f / f"shard-{idx:06d}.tar"
-            rec_path = tar.with_suffix(".json")
-            if not rec_path.exists():
-                ok = False
-                break
-            try:
-                rec = json.loads(rec_path.read_text())
-                videos = rec["videos"]
-                size = tar.stat().st_size
-                if check_sizes and rec.get("bytes") is not None and size != int(rec["bytes"]):
-                    logger.warning("shard %s: size %d differs from its done record (%s); skipped",
-                                   tar, size, rec["bytes"])
-                    ok = False
-                    break
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("shard %06d: unreadable done record %s (%s); skipped", idx, rec_path, exc)
-                ok = False
-                break
-            paths[f] = tar
-            n_videos = max(n_videos, len(videos))
-            for v in videos:
-                statuses.setdefault(str(v.get("id")), {})[f] = str(v.get("status"))
-        if not ok:
-            continue
-        n_usable = sum(_video_usable(s) for s in statuses.values())
-        shards.append(ShardInfo(index=idx, paths=paths, n_videos=n_videos, n_usable=n_usable))
-    return shards
+# Epochs
 
 
 def batches_per_epoch(shards: list[ShardInfo], batch_size: int, world_size: int, cfg: DataConfig) -> int:
@@ -191,123 +127,47 @@ def batches_per_epoch(shards: list[ShardInfo], batch_size: int, world_size: int,
 # Reading and decoding
 
 
-def _decode_member(suffix: str, data: bytes) -> Any:
-    if suffix == "json":
-        return json.loads(data.decode("utf-8"))
-    if suffix.endswith("npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    if suffix == "txt":
-        return data.decode("utf-8")
-    return None  # unknown members are never decoded
-
-
-def _tar_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples (key → {suffix: bytes}) of one tar, via webdataset's tar iterators.
-
-    Raises on a broken tar (the caller counts the shard as corrupted and stops it).
-    """
-    with open(path, "rb") as stream:
-        files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream, handler=reraise_exception))
-        yield from group_by_keys(files, handler=reraise_exception)
-
-
-class _Counted:
-    """Wraps a field's sample iterator; remembers whether it ended on an error."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.it = _tar_samples(path)
-        self.error: Exception | None = None
-
-    def next(self) -> dict[str, Any] | None:
-        try:
-            return next(self.it)
-        except StopIteration:
-            return None
-        except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
-            self.error = exc
-            return None
-
-
-def zip_shard(shard: ShardInfo, counts: dict[str, int]) -> Iterator[dict[str, dict[str, Any]]]:
-    """Yield ``{field: raw sample}`` for keys present in all four fields of a shard.
-
-    Merge-join on the order of the video2d done record: when heads disagree, the heads earliest in
-    that order (unknown keys first) are dropped and counted as ``key_mismatch``. A tar that breaks
-    mid-way ends the shard (``corrupted_shards``).
-    """
-    order: dict[str, int] = {}
-    try:
-        rec = json.loads(shard.paths["video2d"].with_suffix(".json").read_text())
-        order = {str(v["id"]): i for i, v in enumerate(rec["videos"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    its = {f: _Counted(shard.paths[f]) for f in FIELDS}
-    heads = {f: its[f].next() for f in FIELDS}
-    while True:
-        if any(h is None for h in heads.values()):
-            broken = {f: it.error for f, it in its.items() if it.error is not None}
-            early = [f for f, h in heads.items() if h is None and f not in broken]
-            if broken or any(h is not None for h in heads.values()):
-                # a tar that raised, or one that ended before the others (tarfile stops silently on
-                # a damaged header in the middle of an archive): the rest of the shard is lost
-                counts["corrupted_shards"] += 1
-                logger.warning("shard %06d: corrupted or truncated field tar(s) %s%s; rest of the shard "
-                               "skipped", shard.index, sorted(broken) or early,
-                               f" ({next(iter(broken.values()))})" if broken else "")
-            return
-        keys = {f: h["__key__"] for f, h in heads.items()}
-        if len(set(keys.values())) == 1:
-            yield heads  # type: ignore[misc]
-            heads = {f: its[f].next() for f in FIELDS}
-            continue
-        rank = {f: order.get(k, -1) for f, k in keys.items()}
-        low = min(rank.values())
-        for f in FIELDS:
-            if rank[f] == low:
-                counts["key_mismatch"] += 1
-                logger.warning("shard %06d: key %r of field %s has no partner in every field; skipped",
-                               shard.index, keys[f], f)
-                heads[f] = its[f].next()
-
-
 class CorruptSample(ValueError):
     """A sample whose members are missing, undecodable or inconsistent."""
 
 
-def decode_video(raw: dict[str, dict[str, Any]], counts: dict[str, int]) -> VideoFeatures | None:
-    """Decode and validate one zipped sample; None (counted) when it is skipped."""
+def decode_video(raw: dict[str, dict[str, Any]], counts: dict[str, int], rates: Rates | None = None
+                 ) -> VideoFeatures | None:
+    """Decode and validate one zipped sample; None (counted) when it is skipped.
+
+    ``rates``: the feature set's rates; a sample whose own metadata states another rate is corrupted.
+    """
     key = raw["video2d"]["__key__"]
     try:
         meta = {}
         for f in FIELDS:
             if "json" not in raw[f]:
                 raise CorruptSample(f"{f}: no json member")
-            meta[f] = _decode_member("json", raw[f]["json"])
+            meta[f] = decode_member("json", raw[f]["json"])
             if not isinstance(meta[f], dict):
                 raise CorruptSample(f"{f}: json is not an object")
         status = {f: meta[f].get("status") for f in FIELDS}
-        if "failed" in status.values() or status["video2d"] != "ok" or status["video3d"] != "ok":
-            counts["skipped_failed"] += 1
+        why = unusable_reason(status)
+        if why is not None:
+            counts["skipped_no_captions" if why == NO_CAPTIONS else "skipped_failed"] += 1
             return None
-        if status["text"] == "no_captions":
-            counts["skipped_no_captions"] += 1
-            return None
-        if status["text"] != "ok" or status["audio"] not in ("ok", "no_audio"):
-            counts["skipped_failed"] += 1
-            return None
+        if rates is not None:
+            for f in ("video2d", "video3d", "audio"):
+                said = meta[f].get("rate")
+                if status[f] == OK and said is not None and float(said) != getattr(rates, f):
+                    raise CorruptSample(f"{f}: sample says {said} rows/s, its shard's record {getattr(rates, f)}")
 
         def arr(f: str, member: str, ndim: int) -> np.ndarray:
             if member not in raw[f]:
                 raise CorruptSample(f"{f}: no {member} member")
-            a = _decode_member(member, raw[f][member])
+            a = decode_member(member, raw[f][member])
             if not isinstance(a, np.ndarray) or a.ndim != ndim or a.dtype.kind not in "fiu":
                 raise CorruptSample(f"{f}.{member}: bad array")
             return a
 
         v2 = arr("video2d", "feat.npy", 2)
         v3 = arr("video3d", "feat.npy", 2)
-        audio = arr("audio", "feat.npy", 2) if status["audio"] == "ok" else None
+        audio = arr("audio", "feat.npy", 2) if status["audio"] == OK else None
         words = arr("text", "words.npy", 3)
         lengths = arr("text", "lengths.npy", 1).astype(np.int64)
         caps = meta["text"].get("captions")
@@ -320,7 +180,8 @@ def decode_video(raw: dict[str, dict[str, Any]], counts: dict[str, int]) -> Vide
         ends = np.asarray([float(c["end"]) for c in caps], dtype=np.float64)
         if not (np.all(np.isfinite(starts)) and np.all(np.isfinite(ends))):
             raise CorruptSample("text: non-finite caption times")
-    except (CorruptSample, ValueError, KeyError, TypeError, UnicodeDecodeError, EOFError, OSError) as exc:
+    except (CorruptSample, CorruptMember, ValueError, KeyError, TypeError, UnicodeDecodeError, EOFError,
+            OSError) as exc:
         counts["corrupted_samples"] += 1
         logger.warning("sample %r: corrupted (%s); skipped", key, exc)
         return None
@@ -399,7 +260,7 @@ def merge_words(words: np.ndarray, lengths: np.ndarray, first: int, last: int,
     return out, n
 
 
-def build_clips(v: VideoFeatures, cfg: DataConfig, rng: np.random.Generator,
+def build_clips(v: VideoFeatures, cfg: DataConfig, rates: Rates, rng: np.random.Generator,
                 n_mels: int = 40) -> dict[str, np.ndarray]:
     """``cfg.n_pair`` clips of one video, each from a random caption (with replacement).
 
@@ -420,9 +281,9 @@ def build_clips(v: VideoFeatures, cfg: DataConfig, rng: np.random.Generator,
         first, last = merge_span(v.starts, v.ends, int(ind), cfg.min_time)
         s, e = float(v.starts[first]), float(v.ends[last])
         se[p] = (s, e)
-        video[p, :d2] = pool_video(v.video2d, s, e, cfg.video_fps_2d)
-        video[p, d2:] = pool_video(v.video3d, s, e, cfg.video_fps_3d)
-        audio[p], nframes[p] = crop_audio(v.audio, s, e, cfg.audio_rate, cfg.audio_frames, mels)
+        video[p, :d2] = pool_video(v.video2d, s, e, rates.video2d)
+        video[p, d2:] = pool_video(v.video3d, s, e, rates.video3d)
+        audio[p], nframes[p] = crop_audio(v.audio, s, e, rates.audio, cfg.audio_frames, mels)
         text[p], text_len[p] = merge_words(v.words, v.lengths, first, last, cfg.max_words)
     return {
         "video": video, "audio": audio, "nframes": nframes, "text": text, "text_len": text_len,
@@ -471,13 +332,14 @@ class ClipStream(IterableDataset):
     (counter increments since this worker's previous batch).
     """
 
-    def __init__(self, cfg: DataConfig, shards: list[ShardInfo], *, batch_size: int, epoch: int,
+    def __init__(self, cfg: DataConfig, features: FeatureSet, *, batch_size: int, epoch: int,
                  n_batches: int, rank: int = 0, world_size: int = 1, skip_batches: int = 0, n_mels: int = 40):
+        shards = features.shards
         if not shards:
             raise ValueError("no complete feature shards (done records for all four fields) to read")
         if sum(s.n_usable for s in shards) == 0:
             raise ValueError("the done records list no video usable for training")
-        self.cfg, self.shards = cfg, shards
+        self.cfg, self.shards, self.rates = cfg, shards, Rates.of(features)
         self.batch_size, self.epoch, self.n_batches = batch_size, epoch, n_batches
         self.rank, self.world_size, self.skip = rank, world_size, skip_batches
         self.n_mels = n_mels
@@ -494,7 +356,7 @@ class ClipStream(IterableDataset):
         for cycle, pos in shard_sequence(n, cfg.seed, self.epoch, offset, stride):
             found = False
             for raw in zip_shard(self.shards[pos], counts):
-                v = decode_video(raw, counts)
+                v = decode_video(raw, counts, self.rates)
                 if v is not None:
                     v.cycle = cycle
                     found = True
@@ -535,7 +397,7 @@ class ClipStream(IterableDataset):
         for _ in range(skip, quota):
             group = [next(videos) for _ in range(self.batch_size)]
             seed, epoch = self.cfg.seed, self.epoch
-            clips = [build_clips(v, self.cfg, clip_rng(seed, epoch, v.cycle, v.key), self.n_mels)
+            clips = [build_clips(v, self.cfg, self.rates, clip_rng(seed, epoch, v.cycle, v.key), self.n_mels)
                      for v in group]
             batch = collate(clips, [v.key for v in group])
             counts["videos"] += len(group)
@@ -547,11 +409,11 @@ class ClipStream(IterableDataset):
             yield batch
 
 
-def make_loader(cfg: DataConfig, shards: list[ShardInfo], *, batch_size: int, epoch: int, n_batches: int,
+def make_loader(cfg: DataConfig, features: FeatureSet, *, batch_size: int, epoch: int, n_batches: int,
                 rank: int = 0, world_size: int = 1, skip_batches: int = 0, n_mels: int = 40,
                 pin_memory: bool | None = None) -> DataLoader:
     """DataLoader over one rank's epoch: ``n_batches - skip_batches`` batches of ``batch_size`` videos."""
-    ds = ClipStream(cfg, shards, batch_size=batch_size, epoch=epoch, n_batches=n_batches, rank=rank,
+    ds = ClipStream(cfg, features, batch_size=batch_size, epoch=epoch, n_batches=n_batches, rank=rank,
                     world_size=world_size, skip_batches=skip_batches, n_mels=n_mels)
     workers = max(0, int(cfg.num_workers))
     kw: dict[str, Any] = {}
@@ -569,7 +431,7 @@ def add_counts(total: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
 
 
 __all__ = [
-    "COUNTERS", "FIELDS", "ClipStream", "DataConfig", "ShardInfo", "VideoFeatures", "add_counts",
+    "COUNTERS", "ClipStream", "DataConfig", "Rates", "VideoFeatures", "add_counts",
     "batches_per_epoch", "build_clips", "clip_rng", "collate", "crop_audio", "decode_video", "empty_counts",
-    "list_shards", "make_loader", "merge_span", "merge_words", "pool_video", "shard_sequence", "zip_shard",
+    "make_loader", "merge_span", "merge_words", "pool_video", "shard_sequence",
 ]

@@ -26,10 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from model.checkpoint import load_checkpoint, load_mcn, save_model_checkpoint
-from model.data import DataConfig, add_counts, batches_per_epoch, empty_counts, list_shards, make_loader
+from model.data import DataConfig, add_counts, batches_per_epoch, empty_counts, make_loader
 from model.distributed import (
     all_gather_nograd, all_gather_with_grad, all_reduce_mean, broadcast_, dist_env, get_rank, get_world_size,
     is_distributed,
@@ -50,15 +47,21 @@ from model.distributed import (
 from model.kmeans import KMeansConfig, OnlineKMeans
 from model.losses import LossConfig, mcn_losses
 from model.mcn import MCN, MCNConfig, fuse_embeddings
+from store import atomic
+from store.layout import LATEST, Workspace, checkpoint_name, find_checkpoints, latest_checkpoint
+from store.lineage import RUNTIME
+from store.reader import FeatureSet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "LOSS_PARTS", "cosine_with_warmup",
-           "find_checkpoints", "resolve_resume", "train"]
+__all__ = ["CODE_VERSION", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "LOSS_PARTS",
+           "cosine_with_warmup", "resolve_resume", "train"]
 
 LOSS_PARTS: tuple[str, ...] = ("mms_tv", "mms_at", "mms_av", "mms", "cluster", "recon", "total")
-_CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
 CHECKPOINT_FORMAT = "mcn-train-1"
+#: Version of the training code in the lineage of every run: bump it when a change alters what a run
+#: with the same config and features learns.
+CODE_VERSION = "mcn-train-1"
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,16 +87,18 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA (no effect on CPU)
     amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
     grad_clip: float | None = None  # max global grad norm; None: no clipping (as the reference)
-    checkpoint_every: int = 1000  # steps; also when the run stops (and at epoch ends, see below)
-    checkpoint_epoch_end: bool = True  # also at every epoch end (off for tiny epochs, e.g. the demo)
-    keep_last: int = 3
-    log_every: int = 10
-    max_steps: int | None = None  # stop after this many steps in all (the schedule still spans all epochs)
+    checkpoint_every: int = field(default=1000, metadata=RUNTIME)  # steps; also when the run stops
+    checkpoint_epoch_end: bool = field(default=True, metadata=RUNTIME)  # also at epoch ends (off: tiny epochs)
+    keep_last: int = field(default=3, metadata=RUNTIME)
+    log_every: int = field(default=10, metadata=RUNTIME)
+    # Stop after this many steps in all; the schedule still spans all epochs, so raising it continues
+    # the same run (it is not part of the run's lineage).
+    max_steps: int | None = field(default=None, metadata=RUNTIME)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = field(default="auto", metadata=RUNTIME)  # auto | cpu | cuda
     sync_bn: bool = True  # SyncBatchNorm in DAVEnet under DDP on CUDA (unsupported on CPU)
-    progress: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = True
+    progress: bool = field(default=True, metadata=RUNTIME)  # tqdm bar on rank 0
+    tensorboard: bool = field(default=True, metadata=RUNTIME)
     model: MCNConfig = field(default_factory=MCNConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
@@ -129,6 +134,9 @@ class TrainResult:
     losses: dict[str, float]  # of the last step (averaged over ranks)
     checkpoint: Path | None  # last checkpoint written (or resumed from)
     data_counts: dict[str, int] = field(default_factory=dict)
+    total_steps: int = 0  # epochs × batches per epoch (the schedule's length)
+    limit: int = 0  # steps this call trained up to: min(total_steps, max_steps)
+    trained: bool = True  # False when the run was found done and nothing was trained
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int):
@@ -318,28 +326,6 @@ class Trainer:
 # Checkpoint files
 
 
-def find_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of ``step-*.pt`` files, sorted by step."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return sorted(out)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     """``"latest"`` → the file named by ``checkpoints/latest`` (else the highest step; None when there
     is none); any other string is a checkpoint path (must exist)."""
@@ -350,20 +336,13 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint to resume from not found: {p}")
         return p
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        p = ckpt_dir / pointer.read_text().strip()
-        if p.is_file():
-            return p
-        logger.warning("%s names %s, which does not exist; using the newest step-*.pt", pointer, p.name)
-    found = find_checkpoints(ckpt_dir)
-    return found[-1][1] if found else None
+    return latest_checkpoint(ckpt_dir)
 
 
 def _save(trainer: Trainer, ckpt_dir: Path, *, epoch: int, batch_in_epoch: int, counts: dict[str, int],
           keep_last: int) -> Path:
     cfg = trainer.cfg
-    path = ckpt_dir / f"step-{trainer.step:06d}.pt"
+    path = ckpt_dir / checkpoint_name(trainer.step)
     extra = {
         **trainer.state_dict(),
         "format": CHECKPOINT_FORMAT,
@@ -374,7 +353,7 @@ def _save(trainer: Trainer, ckpt_dir: Path, *, epoch: int, batch_in_epoch: int, 
         "config": cfg.to_dict(),
     }
     save_model_checkpoint(path, trainer.model, extra)
-    _atomic_write_text(ckpt_dir / "latest", path.name + "\n")
+    atomic.write_text(ckpt_dir / LATEST, path.name + "\n")
     if keep_last > 0:
         for _, old in find_checkpoints(ckpt_dir)[:-keep_last]:
             if old != path:
@@ -405,7 +384,7 @@ class _RunLog:
                         keep.append(line)
                 except (ValueError, KeyError, TypeError):
                     continue
-            _atomic_write_text(self.jsonl, "".join(x + "\n" for x in keep))
+            atomic.write_text(self.jsonl, "".join(x + "\n" for x in keep))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -436,26 +415,26 @@ class _RunLog:
 # The loop
 
 
-def train(cfg: TrainConfig, features_dir: Path, run_dir: Path, *, resume: str | None = None,
+def train(cfg: TrainConfig, features: FeatureSet, run_dir: Path, *, resume: str | None = None,
           init_from: str | None = None) -> TrainResult:
-    """Train MCN on the feature shards under ``features_dir`` (= WS/features); outputs in ``run_dir``.
+    """Train MCN on a workspace's feature shards (:func:`store.reader.open_features`); outputs in ``run_dir``.
 
     ``resume``: ``"latest"`` or a checkpoint path (full state; the data order continues exactly);
     ``init_from``: weights only, from our checkpoint or the reference ``e{N}.pth``. Runs under DDP when
     torch.distributed is initialised (see :func:`model.distributed.init_distributed`).
     """
-    run_dir, features_dir = Path(run_dir), Path(features_dir)
-    ckpt_dir, log_dir = run_dir / "checkpoints", run_dir / "logs"
+    run_dir = Path(run_dir)
+    ckpt_dir, log_dir = Workspace.checkpoints_dir(run_dir), Workspace.logs_dir(run_dir)
     rank, world = get_rank(), get_world_size()
     main = rank == 0
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (videos, global) is not divisible by world size "
                          f"{world}")
     per_rank = cfg.batch_size // world
-    shards = list_shards(features_dir, cfg.data.check_sizes)
+    shards = features.shards
     if not shards:
-        raise FileNotFoundError(f"no complete feature shards under {features_dir} (need done records of "
-                                "video2d, video3d, audio and text)")
+        raise FileNotFoundError(f"no complete feature shards under {features.ws.features_dir} (need done "
+                                "records of video2d, video3d, audio and text)")
     bpe = batches_per_epoch(shards, per_rank, world, cfg.data)
     total_steps = cfg.epochs * bpe
     trainer = Trainer(cfg, total_steps=total_steps)
@@ -501,7 +480,7 @@ def train(cfg: TrainConfig, features_dir: Path, run_dir: Path, *, resume: str | 
         while trainer.step < limit and epoch < cfg.epochs:
             if in_epoch == 0:
                 trainer.kmeans.new_epoch()
-            loader = make_loader(cfg.data, shards, batch_size=per_rank, epoch=epoch, n_batches=bpe, rank=rank,
+            loader = make_loader(cfg.data, features, batch_size=per_rank, epoch=epoch, n_batches=bpe, rank=rank,
                                  world_size=world, skip_batches=in_epoch, n_mels=cfg.model.n_mels,
                                  pin_memory=trainer.device.type == "cuda")
             for batch in loader:
@@ -539,7 +518,7 @@ def train(cfg: TrainConfig, features_dir: Path, run_dir: Path, *, resume: str | 
                                           keep_last=cfg.keep_last)
                     else:
                         _global_counts(counts, trainer.device)  # matching collective
-                        last_ckpt = ckpt_dir / f"step-{trainer.step:06d}.pt"
+                        last_ckpt = ckpt_dir / checkpoint_name(trainer.step)
                 if stop:
                     break
             del loader
@@ -552,7 +531,7 @@ def train(cfg: TrainConfig, features_dir: Path, run_dir: Path, *, resume: str | 
             bar.close()
         log.close()
     return TrainResult(step=trainer.step, epoch=epoch, losses=losses, checkpoint=last_ckpt,
-                       data_counts=_global_counts(counts, trainer.device))
+                       data_counts=_global_counts(counts, trainer.device), total_steps=total_steps, limit=limit)
 
 
 def _global_counts(counts: dict[str, int], device: torch.device) -> dict[str, int]:

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.manifest import Caption
+from store.manifest import Caption
 
 SIDECAR_SUFFIXES = (".srt", ".vtt", ".json")
 

@@ -8,8 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config, write_resolved
-from pipeline.workspace import Workspace
+from typing import TYPE_CHECKING
+
+from pipeline.run import STAGES
+from store.fields import FIELDS
+from store.layout import Workspace
+
+if TYPE_CHECKING:  # the config tree imports torch: loaded only once a command runs, never for --help
+    from pipeline.config import Config
 
 logger = logging.getLogger("mcn")
 
@@ -47,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-probe everything and re-plan the shards")
     _common(p)
 
-    p = sub.add_parser("status", help="done / stale / missing shards per stage and failed videos",
+    p = sub.add_parser("status", help="done / stale / missing for every stage, with the reasons",
+                       description="The state of scan, extract (per field), train and evaluate (per set) for the "
+                       "given config: done, stale (and why: config, code or inputs changed) or missing, and "
+                       "the videos that failed. Cheap checks only (records, fingerprints, sizes) unless --verify.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verify", action="store_true",
+                   help="also re-walk the videos folder and check every shard's checksum")
     _common(p)
 
     p = sub.add_parser("extract", help="extract 2D, 3D, audio and text features into webdataset shards",
@@ -56,13 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "WS/features/<field>/shard-NNNNNN.tar for the fields video2d (ResNet-152, 1/s), "
                        "video3d (ResNeXt-101 3D, 1.5/s), audio (log-mel, 100/s) and text (word vectors). "
                        "Done shards are skipped; a changed config redoes only the fields it affects. "
-                       "On a cluster each process takes the shards with index %% WORLD_SIZE == RANK.",
+                       "Any number of processes may share a workspace: each shard is claimed by one. Static "
+                       "claims (default) take the shards with index %% WORLD_SIZE == RANK; --claim dynamic "
+                       "takes the next shard nobody holds, until every shard is done.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fields", nargs="+", choices=["video2d", "video3d", "audio", "text"], default=None,
+    p.add_argument("--fields", nargs="+", choices=list(FIELDS), default=None,
                    help="only these fields (default: extract.fields of the config)")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="use seeded random visual backbones when no weights file is found (demo/tests only)")
     p.add_argument("--force", action="store_true", help="redo every shard of the selected fields")
+    p.add_argument("--verify", action="store_true", help="also redo shards whose checksum differs from their record")
+    p.add_argument("--claim", choices=["static", "dynamic"], default=None,
+                   help="static: shards with index %% WORLD_SIZE == RANK; dynamic: the next unclaimed shard "
+                   "(default: runner.mode of the config)")
     _common(p)
 
     p = sub.add_parser("demo-data", help="generate the synthetic narrated demo videos",
@@ -79,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the MCN heads on the extracted features",
                        description="Train MCN (MMS contrastive + online k-means clustering + reconstruction) on "
                        "WS/features into WS/runs/<name>/ (config.yaml, checkpoints/, logs/train.jsonl, TensorBoard). "
-                       "Multi-GPU/multi-node: torchrun --nproc_per_node=N -m pipeline.cli train ...",
+                       "Multi-GPU/multi-node: torchrun --nproc_per_node=N -m pipeline.cli train ... A run that is "
+                       "done for this config and these features is not touched; an incomplete one continues "
+                       "from its latest checkpoint; a run of another config or other features is trained "
+                       "beside the old one (WS/runs/<name>-<fingerprint>), never over it.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default=None, help="run name (default: evaluate.run of the config, 'default')")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path: continue exactly")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint path to continue from (default: the run's latest checkpoint, if any)")
     p.add_argument("--init-from", default=None,
                    help="start from these weights only (our checkpoint or the reference e{N}.pth)")
     _common(p)
@@ -101,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="rank every clip of a workspace for a text query",
                        description="Embed the query with the workspace's text extractor and the checkpoint, rank "
                        "every caption clip of the workspace by text·(video+audio) and print video, start-end and "
-                       "score. Clip embeddings are cached in WS/eval/search-cache/ and reused.",
+                       "score. Clip embeddings are cached in WS/cache/search/ and rebuilt only when the "
+                       "checkpoint or the features change.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", help="free text, e.g. 'cut the onion'")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: latest of the run)")
@@ -109,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("run", help="all stages in order (scan, extract, train, evaluate)",
-                       description="scan -> extract -> train -> evaluate, skipping what is done and fresh: "
-                       "extraction skips done shards, training resumes from its latest checkpoint (a finished "
-                       "run is not retrained), evaluation sets are extracted once. Killed at any point and run "
-                       "again with the same command, it finishes with the same result.",
+                       description="scan -> extract -> train -> evaluate, redoing exactly what is stale: every "
+                       "stage records what it was made from, so a change (config, code, a video) redoes the "
+                       "units downstream of it and nothing else, and a re-run with nothing changed writes no "
+                       "file. Killed at any point and run again with the same command, it finishes with the "
+                       "same result.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=Path, required=True, help="folder of raw training videos")
     p.add_argument("--captions", type=Path, default=None, help="HowTo100M-style caption file")
@@ -128,9 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STAGES = ("scan", "extract", "train", "evaluate")
-
-
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_stage", choices=STAGES, default=None, help="start at this stage")
     p.add_argument("--only", choices=STAGES, default=None, help="run only this stage")
@@ -138,6 +158,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                    help="redo this stage from scratch (repeatable)")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="seeded random visual backbones when no weights file is found (demo/tests only)")
+    p.add_argument("--claim", choices=["static", "dynamic"], default=None,
+                   help="how extraction shares shards between processes (default: runner.mode)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -149,14 +171,18 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_scan(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.config import write_resolved
     from pipeline.scan import scan
+    from pipeline.stages import workers_for
 
     if args.captions:
         cfg.scan.captions_file = str(args.captions)
-    result = scan(args.videos, ws, cfg.scan, force=args.force, progress=not args.no_progress)
-    write_resolved(ws.root / "scan.config.yaml", cfg.scan, videos=str(args.videos.resolve()))
+    result = scan(args.videos, ws, cfg.scan, force=args.force, progress=not args.no_progress,
+                  workers=workers_for(ws, cfg))
+    write_resolved(ws.scan_config, cfg.scan, videos=str(args.videos.resolve()))
+    how = "unchanged since the last scan" if result.up_to_date else f"{result.n_probed} probed, the rest cached"
     print(f"scan: {result.n_videos} videos ({result.n_ok} ok, {result.n_failed} failed) in "
-          f"{result.n_shards} shards; {result.n_probed} probed, the rest cached -> {ws.manifest}")
+          f"{result.n_shards} shards; {how} -> {ws.manifest}")
     for path, why in result.failures:
         print(f"  failed: {path}: {why}")
     return 0
@@ -165,7 +191,7 @@ def cmd_scan(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 def cmd_status(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     from pipeline.status import print_status
 
-    return print_status(ws, cfg)
+    return print_status(ws, cfg, verify=args.verify)
 
 
 def cmd_extract(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
@@ -175,15 +201,19 @@ def cmd_extract(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         cfg.extract.fields = list(args.fields)
     if args.allow_random_weights:
         cfg.extract.allow_random_weights = True
-    summary = run_extract(ws, cfg, force=args.force, progress=not args.no_progress)
+    if args.claim:
+        cfg.runner.mode = args.claim
+    summary = run_extract(ws, cfg, force=args.force, progress=not args.no_progress, verify=args.verify)
     done = ", ".join(f"{f} {n}" for f, n in summary.processed.items())
-    print(f"extract: rank shards {summary.shards_mine}/{summary.shards_total}; written: {done}; "
-          f"{summary.videos} videos in {summary.seconds:.1f} s")
+    others = sum(summary.by_others.values())
+    print(f"extract: shards {summary.shards_mine}/{summary.shards_total} taken; written: {done}"
+          + (f"; {others} written by other processes" if others else "")
+          + f"; {summary.videos} videos in {summary.seconds:.1f} s")
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from synthetic import generate_demo_data
+    from pipeline.demo_data import make_demo_data
 
     d = cfg.demo_data
     for attr, value in (("out_dir", args.out), ("n_videos", args.videos), ("n_heldout", args.heldout),
@@ -191,7 +221,7 @@ def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         if value is not None:
             setattr(d, attr, value)
     d.progress = not args.no_progress
-    s = generate_demo_data(d)
+    s = make_demo_data(d, cfg.runner)
     print(f"demo-data: {len(s.train_videos)} train + {len(s.heldout_videos)} held-out videos "
           f"({s.seconds_train + s.seconds_heldout:.0f} s of video; {s.n_generated} generated, "
           f"{s.n_skipped} already there) in {s.out_dir}")
@@ -205,14 +235,16 @@ def cmd_train(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         cfg.evaluate.run = args.name
     result = run_train(ws, cfg, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
     if result is not None:
-        print(f"train: step {result.step}; last losses "
+        what = "" if result.trained else " (done already: nothing trained)"
+        print(f"train: step {result.step}{what}; last losses "
               + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.losses.items()))
               + f"; checkpoint {result.checkpoint}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from pipeline.evaluate import EvalSetConfig, evaluate_set, format_table
+    from pipeline.evaluate import evaluate_set, format_table
+    from pipeline.evalsets import EvalSetConfig
 
     names = [args.set_name] if args.set_name else [s.name for s in cfg.evaluate.sets] or ["workspace"]
     if args.videos is not None:
@@ -222,21 +254,29 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         names = [name]
     for name in names:
         metrics = evaluate_set(ws, cfg, name, args.checkpoint, progress=not args.no_progress)
+        cached = " (unchanged: nothing recomputed)" if metrics.get("cached") else ""
         if "localization" in metrics:
             loc = metrics["localization"]
             print(f"evaluate {name} ({metrics['kind']}): recall {100 * loc['recall']:.1f}% over "
-                  f"{loc['n_videos']} videos; per task: "
+                  f"{loc['n_videos']} videos{cached}; per task: "
                   + ", ".join(f"{t} {100 * r:.1f}%" for t, r in sorted(loc["per_task"].items())))
             for problem in metrics["problems"]:
                 print(f"  note: {problem}")
             continue
         print(f"evaluate {name}: {metrics['n_queries']} queries from {metrics['n_videos']} videos, "
-              f"checkpoint {metrics['checkpoint']}")
+              f"checkpoint {metrics['checkpoint']}{cached}")
         print(format_table(metrics))
         for problem in metrics["problems"]:
             print(f"  note: {problem}")
-        print(f"  report: {ws.eval_dir(name) / 'report.html'}")
+        print(f"  report: {ws.eval_report(name)}")
     return 0
+
+
+def _run_setup(args: argparse.Namespace, cfg: Config) -> None:
+    if args.allow_random_weights:
+        cfg.extract.allow_random_weights = True
+    if args.claim:
+        cfg.runner.mode = args.claim
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
@@ -244,8 +284,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
     if args.captions:
         cfg.scan.captions_file = str(args.captions)
-    if args.allow_random_weights:
-        cfg.extract.allow_random_weights = True
+    _run_setup(args, cfg)
     report = run_pipeline(ws, cfg, args.videos, from_stage=args.from_stage, only=args.only,
                           force=set(args.force), progress=not args.no_progress)
     print(report)
@@ -253,13 +292,15 @@ def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from synthetic import generate_demo_data
+    from pipeline.configtools import ConfigError
+    from pipeline.demo_data import make_demo_data
     from pipeline.run import run_pipeline
 
     if args.config is None:
         raise ConfigError("mcn demo needs --config (make demo passes configs/demo.yaml)")
+    _run_setup(args, cfg)
     cfg.demo_data.progress = not args.no_progress
-    summary = generate_demo_data(cfg.demo_data)
+    summary = make_demo_data(cfg.demo_data, cfg.runner)
     print(f"demo-data: {len(summary.train_videos)} train + {len(summary.heldout_videos)} held-out videos in "
           f"{summary.out_dir} ({summary.elapsed_s:.0f} s)")
     report = run_pipeline(ws, cfg, Path(summary.out_dir) / "train", from_stage=args.from_stage, only=args.only,
@@ -269,16 +310,16 @@ def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
 
 def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from evaluation.search import SearchIndex, search_text
+    from evaluation.search import search_text
     from model.checkpoint import load_mcn
-    from pipeline.evaluate import resolve_checkpoint
-    from pipeline.stages import extract_stage
+    from pipeline.search import search_index, text_extractor
+    from pipeline.stages import current_checkpoint
 
-    ckpt = resolve_checkpoint(ws, cfg.evaluate.run, args.checkpoint)
+    ckpt = current_checkpoint(ws, cfg, args.checkpoint)
     model = load_mcn(ckpt)
-    index = SearchIndex.build(ws.features_dir, ckpt, ws.eval_dir("search-cache"), model=model)
+    index = search_index(ws, cfg, ckpt, model=model)
     try:
-        hits = search_text(index, model, extract_stage(ws, cfg).extractor("text"), args.query, args.top)
+        hits = search_text(index, model, text_extractor(ws, cfg), args.query, args.top)
     except ValueError as exc:
         print(f"mcn search: {exc}", file=sys.stderr)
         return 1
@@ -288,7 +329,8 @@ def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
+COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
+            "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra
     _setup_logging(args.verbose)
+    from pipeline.config import ConfigError, load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -310,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS[args.command]
     try:
         return handler(args, cfg, ws)
-    except (FileNotFoundError, ConfigError, ValueError) as exc:
+    except (FileNotFoundError, ConfigError, ValueError, TimeoutError) as exc:
         if args.verbose:
             raise
         print(f"mcn {args.command}: {exc}", file=sys.stderr)

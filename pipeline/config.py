@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import atomic
 from model.train import TrainConfig
 from pipeline.configtools import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
-from synthetic import DemoDataConfig
-from pipeline.evaluate import EvaluateConfig
+from pipeline.evalsets import EvaluateConfig
 from pipeline.extract import ExtractConfig
+from pipeline.runner import RunnerConfig
 from pipeline.scan import ScanConfig
+from store import atomic
+from store.lineage import git_revision, package_version
+from synthetic import DemoDataConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Config", "ConfigError", "load_config", "write_resolved", "git_revision"]
+__all__ = ["Config", "ConfigError", "load_config", "write_resolved"]
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -36,18 +38,9 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
     return from_dict(Config, data)
 
 
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def write_resolved(path: Path, section: object, **extra: object) -> None:
-    """Write a stage's resolved config (plus the git revision) next to its outputs."""
-    body = {"config": to_dict(section), "git_revision": git_revision(), **to_dict(extra)}
-    atomic.write_text(path, dump_yaml(body))
+def write_resolved(path: Path, section: object, **extra: object) -> bool:
+    """Write a stage's resolved config (with the version and git revision) next to its outputs, unless
+    the file already says exactly this; True when written."""
+    body = {"config": to_dict(section), "version": package_version(), "git_revision": git_revision(),
+            **to_dict(extra)}
+    return atomic.write_if_changed(path, dump_yaml(body))

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from store.lineage import config_dict
+
 T = TypeVar("T")
 
 
@@ -22,16 +24,8 @@ class ConfigError(ValueError):
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain dict/list/scalar form of a (nested) dataclass, ready for YAML or JSON."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    """Plain dict/list/scalar form of a (nested) dataclass, ready for YAML or JSON (every field)."""
+    return config_dict(obj, runtime=True)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -139,7 +133,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return data
 
 

@@ -1,18 +1,16 @@
 """`evaluate`: zero-shot retrieval (and step localization) of a trained MCN on an evaluation set.
 
-An evaluation set is a folder of raw videos turned into its own workspace (`WS/evalsets/<name>/`) by
-the same scan and extract stages (cached and resumable like the main workspace), with its clips
-defined by captions: side-car captions (`kind: captions`), a YouCook2 annotation JSON (`youcook2`),
-or the MSR-VTT 1k-A test CSV/JSON (`msrvtt`). Without `videos`, the main workspace's own features
-are the set. Outputs: `WS/eval/<name>/{metrics.json, report.html, embeddings.npz, config.yaml}`.
+Each set (:mod:`pipeline.evalsets`) is a unit of the runner: its record holds the lineage (the set's
+config, the checkpoint's identity, the features' fingerprint, for step sets the annotations and the
+text extractor), so an evaluation is redone exactly when one of them changed, and a re-run with
+nothing changed writes nothing. Outputs: ``WS/eval/<name>/{metrics.json, report.html,
+embeddings.npz, config.yaml, record.json}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,109 +20,56 @@ import torch
 from evaluation.clipset import ClipSet, ClipSetConfig, build_clipset
 from evaluation.embed import embed_clipset
 from evaluation.retrieval import rank_of_true, retrieval_report
+from evaluation.scoring import clip_scores
 from extractors.base import resolve_device
-from pipeline import atomic
-from pipeline.manifest import iter_manifest
-from pipeline.workspace import Workspace
+from pipeline.config import Config, write_resolved
+from pipeline.evalsets import STEP_KINDS, EvalSetConfig, EvaluateConfig, annotation_captions, find_set
+from pipeline.runner import run_unit
+from pipeline.stages import current_checkpoint, extract_stage, run_extract, workers_for
+from store import atomic
+from store.claims import Claim
+from store.layout import Workspace
+from store.lineage import (
+    Lineage,
+    UnitState,
+    config_dict,
+    file_identity,
+    fingerprint,
+    read_record,
+    remember_identity,
+    unit_state,
+)
+from store.manifest import iter_manifest, read_scan
+from store.reader import FeatureSet, open_features
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = ("zero-shot; similarity text·(video+audio) (and text·video); rank = 0-based rank of the true "
             "clip, ties pessimistic; R@K = rank < K; median rank = median(rank)+1")
 
-
-@dataclass
-class EvalSetConfig:
-    name: str
-    kind: str = "captions"  # captions | youcook2 | msrvtt (retrieval); crosstask | mining_youtube (steps)
-    videos: str | None = None  # raw videos folder (None: the main workspace's features)
-    annotations: str | None = None  # youcook2 JSON / msrvtt CSV or JSON / step annotation folder
-    tasks: str | None = None  # crosstask tasks_primary.txt / mining_youtube tasks JSON
-    audio_frames: int = 1000  # YouCook2 5120, MSR-VTT 3072 in the paper
-    n_total: int | None = None  # queries the protocol counts (MSR-VTT: 1000); None: the clips found
-    max_clips: int | None = None
+#: Version of the evaluation code in the lineage of every evaluation: bump it when the metrics change.
+CODE_VERSION = "eval-2"
 
 
-@dataclass
-class EvaluateConfig:
-    sets: list[EvalSetConfig] = field(default_factory=list)
-    run: str = "default"  # training run whose latest checkpoint is evaluated by default
-    batch_size: int = 256
-    device: str = "auto"
-    report_queries: int = 10
-    report_clusters: int = 8
-    ties: str = "pessimistic"
-
-
-STEP_KINDS = ("crosstask", "mining_youtube")
-
-
-def resolve_checkpoint(ws: Workspace, run: str, checkpoint: str | None) -> Path:
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    ckpt_dir = ws.run_dir(run) / "checkpoints"
-    pointer = ckpt_dir / "latest"
-    if pointer.exists():
-        path = ckpt_dir / pointer.read_text().strip()
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no checkpoint given and none in {ckpt_dir}: train first or pass --checkpoint")
-
-
-def find_set(cfg: EvaluateConfig, name: str) -> EvalSetConfig:
-    for s in cfg.sets:
-        if s.name == name:
-            return s
-    if name == "workspace":
-        return EvalSetConfig(name="workspace")
-    known = ", ".join([s.name for s in cfg.sets] + ["workspace"])
-    raise FileNotFoundError(f"unknown evaluation set {name!r}; configured: {known} (evaluate.sets in the config)")
-
-
-def annotation_captions(spec: EvalSetConfig, out: Path) -> tuple[Path | None, list[str], int | None]:
-    """Turn benchmark annotations into a HowTo100M-style caption file for the scan.
-
-    Returns (captions file or None, problems, number of annotated queries).
-    """
-    if spec.kind in ("captions",) + STEP_KINDS:
-        return None, [], None
-    from evaluation.annotations import parse_msrvtt_test, parse_youcook2
-
-    if not spec.annotations:
-        raise FileNotFoundError(f"evaluation set {spec.name!r} of kind {spec.kind} needs `annotations`")
-    if spec.kind == "youcook2":
-        ann = parse_youcook2(spec.annotations)
-    elif spec.kind == "msrvtt":
-        ann = parse_msrvtt_test(spec.annotations)
-    else:
-        raise ValueError(f"unknown evaluation set kind {spec.kind!r} (captions, youcook2, msrvtt)")
-    caps: dict[str, list[dict[str, Any]]] = {}
-    for clip in ann.clips:
-        start = clip.start if clip.start is not None else 0.0
-        end = clip.end if clip.end is not None else 1e9  # whole clip: clipped to the duration by the scan
-        caps.setdefault(clip.video_id, []).append({"start": start, "end": end, "text": clip.sentence})
-    atomic.write_json(out, caps)
-    return out, list(ann.problems), len(ann.clips)
-
-
-def prepare_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, *, progress: bool) -> tuple[Path, list[str], int | None]:
-    """Scan + extract the set's videos into WS/evalsets/<name> (cached); returns its features dir."""
+def prepare_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, *, progress: bool
+                ) -> tuple[Workspace, list[str], int | None]:
+    """Scan + extract the set's videos into ``WS/evalsets/<name>`` (cached by lineage like the main
+    workspace); returns the workspace whose features are the set, the problems found and the number
+    of annotated queries."""
     if spec.videos is None:
-        return ws.features_dir, [], spec.n_total
+        return ws, [], spec.n_total
     from pipeline.scan import scan
-    from pipeline.stages import run_extract
 
-    set_ws = Workspace(ws.root / "evalsets" / spec.name)
+    set_ws = ws.evalset(spec.name)
     set_ws.root.mkdir(parents=True, exist_ok=True)
-    captions_file, problems, n_annotated = annotation_captions(spec, set_ws.root / "annotations.json")
+    captions_file, problems, n_annotated = annotation_captions(spec, set_ws.annotation_captions)
     scan_cfg = dataclasses.replace(cfg.scan, captions_file=str(captions_file) if captions_file else None)
-    result = scan(Path(spec.videos), set_ws, scan_cfg, progress=progress)
+    result = scan(Path(spec.videos), set_ws, scan_cfg, progress=progress, workers=workers_for(set_ws, cfg))
     if result.n_ok == 0:
         raise ValueError(f"evaluation set {spec.name!r}: no usable video in {spec.videos}")
     if captions_file is not None:
+        import json
+
         scanned = {key for r in iter_manifest(set_ws.manifest) if r.ok
                    for key in (r.id, r.path, str(Path(r.path).with_suffix("")), Path(r.path).stem)}
         annotated = set(json.loads(captions_file.read_text()))
@@ -133,47 +78,119 @@ def prepare_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, *, progress: bool)
             problems.append(f"{len(missing)} annotated video id(s) not found among the videos "
                             f"(e.g. {', '.join(missing[:5])}); their queries count as misses")
     run_extract(set_ws, cfg, progress=progress)
-    return set_ws.features_dir, problems, spec.n_total or n_annotated
+    return set_ws, problems, spec.n_total or n_annotated
 
 
-def evaluate_set(ws: Workspace, cfg: Any, set_name: str, checkpoint: str | None, *,
+def _path_identity(path: str | None) -> Any:
+    """Size and mtime of a file, or of every file of a folder (cheap: stat calls only)."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return sorted([str(q.relative_to(p)), q.stat().st_size, q.stat().st_mtime_ns]
+                      for q in p.rglob("*") if q.is_file())
+    try:
+        st = p.stat()
+    except OSError:
+        return [str(p), None]
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def checkpoint_identity(ws: Workspace, name: str, ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's identity, its sha256 taken from the set's record when size and mtime agree."""
+    previous = (read_record(ws.eval_record(name)) or {}).get("checkpoint")
+    return file_identity(ckpt, previous if isinstance(previous, dict) else None)
+
+
+def eval_lineage(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckpt: Path,
+                 features: FeatureSet) -> Lineage:
+    """The set's config (with the report settings), the evaluation code, and its inputs: the
+    checkpoint's identity (sha256, re-hashed only when its size or mtime changed), the features'
+    fingerprint, and for step sets the annotations, the task list and the text extractor."""
+    ident = checkpoint_identity(ws, name, ckpt)
+    ecfg = config_dict(cfg.evaluate)
+    ecfg.pop("sets", None)
+    ecfg.pop("run", None)
+    inputs = {"checkpoint": ident["sha256"], "features": features.fingerprint}
+    if spec.kind in STEP_KINDS:
+        inputs["annotations"] = fingerprint(_path_identity(spec.annotations), _path_identity(spec.tasks))
+        inputs["text_extractor"] = fingerprint(extract_stage(ws, cfg).field_config("text"))
+    return Lineage(config=fingerprint(dataclasses.asdict(spec), ecfg), code=CODE_VERSION, inputs=inputs)
+
+
+def eval_state(ws: Workspace, name: str, lineage: Lineage) -> UnitState:
+    record = read_record(ws.eval_record(name))
+    problems = [] if ws.eval_metrics(name).is_file() else ["metrics.json missing"]
+    return unit_state(record, lineage, problems if record is not None else None)
+
+
+def evaluate_set(ws: Workspace, cfg: Config, set_name: str, checkpoint: str | None, *,
                  progress: bool = True, eval_name: str | None = None) -> dict[str, Any]:
-    """Run one evaluation set end to end and write its outputs; returns the metrics dict."""
+    """Evaluate one set unless its record says it is done for this checkpoint and these features;
+    returns the metrics dict (``cached`` True when nothing was recomputed)."""
+    spec = find_set(cfg.evaluate, set_name)
+    name = eval_name or spec.name
+    ckpt = current_checkpoint(ws, cfg, checkpoint)
+    set_ws, problems, n_total = prepare_set(ws, cfg, spec, progress=progress)
+    features = open_features(set_ws)
+    lineage = eval_lineage(ws, cfg, spec, name, ckpt, features)
+
+    def work(claim: Claim, st: UnitState) -> dict[str, Any]:
+        if st.status == "stale":
+            logger.info("evaluate %s: %s", name, st.why())
+        if spec.kind in STEP_KINDS:
+            metrics = localize_set(set_ws, cfg, spec, ckpt, features, problems)
+        else:
+            metrics = retrieve_set(ws, cfg, spec, name, ckpt, features, problems, n_total)
+        metrics = _jsonable(metrics)
+        claim.verify()
+        out = ws.eval_dir(name)
+        out.mkdir(parents=True, exist_ok=True)
+        ws.eval_record(name).unlink(missing_ok=True)
+        atomic.write_json(ws.eval_metrics(name), metrics)
+        write_resolved(ws.eval_config(name), cfg.evaluate, set=dataclasses.asdict(spec), checkpoint=str(ckpt))
+        from store.lineage import write_record
+
+        write_record(ws.eval_record(name), ws.eval_unit(name), lineage, set=spec.name,
+                     checkpoint=file_identity(ckpt), features={"n_shards": len(features.shards)})
+        return {**metrics, "cached": False}
+
+    workers = workers_for(ws, cfg)
+    st, metrics = run_unit(workers, ws.eval_unit(name), lambda: eval_state(ws, name, lineage), work)
+    if metrics is None:
+        remember_identity(ws.eval_record(name), st.record, "checkpoint", checkpoint_identity(ws, name, ckpt))
+        logger.info("evaluate %s: done for this checkpoint and these features (nothing recomputed)", name)
+        metrics = {**read_record(ws.eval_metrics(name)), "cached": True}  # type: ignore[dict-item]
+    return metrics
+
+
+def retrieve_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckpt: Path, features: FeatureSet,
+                 problems: list[str], n_total: int | None) -> dict[str, Any]:
+    """Retrieval metrics of one set; writes the embeddings and the report next to the metrics."""
     from model.checkpoint import load_mcn
 
     ecfg: EvaluateConfig = cfg.evaluate
-    spec = find_set(ecfg, set_name)
-    ckpt = resolve_checkpoint(ws, ecfg.run, checkpoint)
-    features_dir, problems, n_total = prepare_set(ws, cfg, spec, progress=progress)
-    if spec.kind in STEP_KINDS:
-        return localize_set(ws, cfg, spec, ckpt, features_dir, problems, eval_name or spec.name)
-    clips = build_clipset(features_dir, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips))
-    problems += clips.problems
+    clips = build_clipset(features, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips))
+    problems = problems + clips.problems
     model = load_mcn(ckpt)
-    device = resolve_device(ecfg.device)
-    emb = embed_clipset(model, clips, batch_size=ecfg.batch_size, device=device)
+    emb = embed_clipset(model, clips, batch_size=ecfg.batch_size, device=resolve_device(ecfg.device))
     n_total = max(n_total or 0, len(clips)) or None
     audio = emb["audio"] if clips.audio_mask.any() else None
     report = retrieval_report(emb["text"], emb["video"], audio=audio, audio_mask=clips.audio_mask,
                               n_total=n_total if n_total and n_total > len(clips) else None, ties=ecfg.ties)
-    name = eval_name or spec.name
-    out_dir = ws.eval_dir(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
         "set": spec.name, "kind": spec.kind, "n_queries": len(clips), "n_total": n_total,
         "n_videos": len(set(clips.video_ids)), "checkpoint": str(ckpt), "protocol": PROTOCOL,
         "chance": {f"R@{k}": min(1.0, k / len(clips)) for k in (1, 5, 10)},
         "retrieval": report, "problems": problems,
     }
-    atomic.write_json(out_dir / "metrics.json", _jsonable(metrics))
-    np.savez(out_dir / "embeddings.npz", video=emb["video"], audio=emb["audio"], text=emb["text"],
-             audio_mask=clips.audio_mask, starts=clips.starts, ends=clips.ends,
-             video_ids=np.asarray(clips.video_ids))
-    from pipeline.config import write_resolved
-
-    write_resolved(out_dir / "config.yaml", cfg.evaluate, set=dataclasses.asdict(spec), checkpoint=str(ckpt))
+    out_dir = ws.eval_dir(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_open(ws.eval_embeddings(name), "wb") as fh:
+        np.savez(fh, video=emb["video"], audio=emb["audio"], text=emb["text"], audio_mask=clips.audio_mask,
+                 starts=clips.starts, ends=clips.ends, video_ids=np.asarray(clips.video_ids))
     try:
-        write_eval_report(out_dir, ws, cfg, spec, clips, emb, metrics, ckpt, features_dir)
+        write_eval_report(ws, name, cfg, spec, clips, emb, metrics, ckpt, features)
     except Exception as exc:  # the numbers stand without the pictures
         logger.error("report for %s could not be written: %s", name, exc)
     return metrics
@@ -217,35 +234,36 @@ def _clusters(ckpt: Path, fused: np.ndarray, per_cluster: int, n_clusters: int) 
     return {int(k): np.flatnonzero(labels == k)[:per_cluster].tolist() for k in top}
 
 
-def write_eval_report(out_dir: Path, ws: Workspace, cfg: Any, spec: EvalSetConfig, clips: ClipSet,
-                      emb: dict[str, np.ndarray], metrics: dict[str, Any], ckpt: Path, features_dir: Path) -> Path:
+def write_eval_report(ws: Workspace, name: str, cfg: Config, spec: EvalSetConfig, clips: ClipSet,
+                      emb: dict[str, np.ndarray], metrics: dict[str, Any], ckpt: Path, features: FeatureSet) -> Path:
     from evaluation.report import ClipRef, QueryResult, ReportData, write_report
+    from model.mcn import fuse_embeddings
 
-    set_root = features_dir.parent
+    set_ws = features.ws
     paths: dict[str, Path] = {}
-    summary = set_root / "scan.json"
-    if summary.exists() and (set_root / "manifest.jsonl").exists():
-        root = Path(json.loads(summary.read_text())["videos_root"])
-        paths = {r.id: root / r.path for r in iter_manifest(set_root / "manifest.jsonl")}
+    try:
+        root = read_scan(set_ws).videos_root
+        paths = {r.id: root / r.path for r in iter_manifest(set_ws.manifest)}
+    except FileNotFoundError:
+        pass
 
     def ref(i: int, score: float | None = None) -> ClipRef:
         return ClipRef(paths.get(clips.video_ids[i]), clips.video_ids[i], float(clips.starts[i]),
                        float(clips.ends[i]), clips.captions[i], score)
 
-    target = emb["video"] + np.where(clips.audio_mask[:, None], emb["audio"], 0.0)
     n = len(clips)
     picks = np.unique(np.linspace(0, n - 1, min(n, cfg.evaluate.report_queries)).astype(int))
     queries = []
     for q in picks:
-        scores = target @ emb["text"][q]
+        scores = clip_scores(emb["text"][q:q + 1], emb["video"], emb["audio"], clips.audio_mask)[0]
         order = np.argsort(-scores, kind="stable")[:5]
         rank = int(rank_of_true(scores[None, :][:, np.r_[q, np.delete(np.arange(n), q)]])[0])
         queries.append(QueryResult(clips.captions[q], ref(q), [ref(int(i), float(scores[i])) for i in order], rank))
-    fused = (emb["video"] + emb["text"] + np.where(clips.audio_mask[:, None], emb["audio"], 0.0)) / np.where(
-        clips.audio_mask, 3.0, 2.0)[:, None]
+    fused = fuse_embeddings(*(torch.from_numpy(emb[k]).float() for k in ("video", "audio", "text")),
+                            torch.from_numpy(clips.audio_mask)).numpy()
     clusters = {k: [ref(i) for i in idx] for k, idx in
                 _clusters(ckpt, fused, 6, cfg.evaluate.report_clusters).items()}
-    log = ws.run_dir(cfg.evaluate.run) / "logs" / "train.jsonl"
+    log = Workspace.train_log(ckpt.parent.parent)
     data = ReportData(
         title=f"MCN zero-shot evaluation: {spec.name}",
         metrics=metrics["retrieval"], chance=metrics["chance"], queries=queries, clusters=clusters,
@@ -253,39 +271,34 @@ def write_eval_report(out_dir: Path, ws: Workspace, cfg: Any, spec: EvalSetConfi
         info={"checkpoint": str(ckpt), "set": spec.name, "kind": spec.kind, "queries": str(n),
               "protocol": PROTOCOL, "problems": "; ".join(metrics["problems"]) or "none"},
     )
-    return write_report(out_dir / "report.html", data)
+    return write_report(ws.eval_report(name), data)
 
 
-def localize_set(ws: Workspace, cfg: Any, spec: EvalSetConfig, ckpt: Path, features_dir: Path,
-                 problems: list[str], name: str) -> dict[str, Any]:
+def localize_set(set_ws: Workspace, cfg: Config, spec: EvalSetConfig, ckpt: Path, features: FeatureSet,
+                 problems: list[str]) -> dict[str, Any]:
     """Step localization (CrossTask protocol, or Mining YouTube with a log-softmax over steps)."""
     from evaluation.annotations import parse_crosstask_annotations, parse_crosstask_tasks, parse_mining_youtube
     from evaluation.steps import localize
     from model.checkpoint import load_mcn
-    from pipeline.ids import video_id
-    from pipeline.stages import extract_stage
+    from store.ids import video_id
 
     if not spec.annotations or not spec.tasks:
         raise FileNotFoundError(f"evaluation set {spec.name!r} ({spec.kind}) needs `annotations` and `tasks`")
     if spec.kind == "crosstask":
         tasks = parse_crosstask_tasks(spec.tasks)
-        problems += tasks.problems
+        problems = problems + tasks.problems
         ann = parse_crosstask_annotations(spec.annotations, tasks=tasks.tasks)
     else:
         ann = parse_mining_youtube(spec.tasks, spec.annotations)
-    problems += ann.problems
+    problems = problems + ann.problems
     # Annotation files name videos by file stem (YouTube id); the workspace by our path-derived id.
     ann.segments = {video_id(f"{k}.mp4"): v for k, v in ann.segments.items()}
     ann.task_of = {video_id(f"{k}.mp4"): v for k, v in ann.task_of.items()}
     model = load_mcn(ckpt)
     device = resolve_device(cfg.evaluate.device)
-    text = extract_stage(ws, cfg).extractor("text")
-    result = localize(model, features_dir, ann, text, mining_youtube=spec.kind == "mining_youtube",
+    text = extract_stage(set_ws, cfg).extractor("text")
+    result = localize(model, features, ann, text, mining_youtube=spec.kind == "mining_youtube",
                       batch_size=cfg.evaluate.batch_size, device=device)
     problems += result.pop("problems", [])
-    metrics = {"set": spec.name, "kind": spec.kind, "checkpoint": str(ckpt), "localization": result,
-               "problems": problems}
-    out_dir = ws.eval_dir(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out_dir / "metrics.json", _jsonable(metrics))
-    return metrics
+    return {"set": spec.name, "kind": spec.kind, "checkpoint": str(ckpt), "localization": result,
+            "problems": problems}

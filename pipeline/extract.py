@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +25,16 @@ from extractors.decode import DecodeConfig, DecodeError, NoAudioError, decode_au
 from extractors.resnext3d import windows_from_frames
 from extractors.workers import WorkerConfig, WorkerPool
 from pipeline.configtools import from_dict, to_dict
-from pipeline.manifest import VideoRecord, read_captions
 from pipeline.runner import ShardJob
-from pipeline.shards import ShardWriter, encode_json, encode_npy, fingerprint
-from pipeline.workspace import FIELDS, Workspace
+from store.claims import Claim
+from store.fields import FIELDS, VISUAL_FIELDS
+from store.layout import Workspace
+from store.lineage import RUNTIME, Lineage, config_dict, fingerprint
+from store.manifest import VideoRecord, read_captions
+from store.shards import SHARD_FORMAT, ShardWriter, encode_json, encode_npy
 
 logger = logging.getLogger(__name__)
 
-# Options that change speed, not values: left out of fingerprints so a move to another machine
-# (or batch size) does not invalidate finished shards.
-RUNTIME_OPTIONS = {"device", "batch_size", "amp", "num_threads"}
-VISUAL_DECODE_KEYS = ("fps_2d", "size_2d", "fps_3d", "size_3d", "crop_3d")
 
 
 @dataclass
@@ -54,8 +54,8 @@ class ExtractConfig:
     audio: ExtractorSpec = field(default_factory=lambda: ExtractorSpec("logmel"))
     text: ExtractorSpec = field(default_factory=lambda: ExtractorSpec("word2vec"))
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    workers: WorkerConfig = field(default_factory=WorkerConfig)
-    torch_threads: int = 0  # CPU threads for the models; 0 keeps torch's default
+    workers: WorkerConfig = field(default_factory=WorkerConfig, metadata=RUNTIME)
+    torch_threads: int = field(default=0, metadata=RUNTIME)  # CPU threads for the models; 0: torch's default
 
 
 @dataclass
@@ -110,15 +110,18 @@ class ExtractStage:
 
     name = "extract"
 
-    def __init__(self, ws: Workspace, cfg: ExtractConfig, videos_root: Path) -> None:
+    def __init__(self, ws: Workspace, cfg: ExtractConfig, videos_root: Path,
+                 scratch: Callable[[], Path] | None = None) -> None:
         unknown = sorted(set(cfg.fields) - set(FIELDS))
         if unknown:
             raise ValueError(f"unknown extract fields {unknown}; known: {list(FIELDS)}")
         self.ws, self.cfg, self.videos_root = ws, cfg, Path(videos_root)
+        self.scratch = scratch or (lambda: ws.scratch_root)
         self.fields = [f for f in FIELDS if f in cfg.fields]
         self._extractors: dict[str, FeatureExtractor] = {}
         self._captions: dict[int, dict] = {}
         self._described: dict[str, dict[str, Any]] = {}
+        self._field_fp: dict[str, str] = {}
         for f in self.fields:
             spec: ExtractorSpec = getattr(cfg, f)
             cls = get_extractor(spec.name)
@@ -158,21 +161,37 @@ class ExtractStage:
             self._captions[shard] = read_captions(self.ws.captions(shard))
         return self._captions[shard]
 
-    def fingerprint(self, f: str, job: ShardJob) -> str:
-        options = {k: v for k, v in to_dict(self.options(f)).items() if k not in RUNTIME_OPTIONS}
-        inputs: list[Any] = [(r.id, r.path, r.size, r.status, r.duration, r.has_audio) for r in job.records]
-        parts: list[Any] = [f, self.describe(f), options, inputs]
-        if f in ("video2d", "video3d"):
-            parts.append({k: getattr(self.cfg.decode, k) for k in VISUAL_DECODE_KEYS})
-        if f == "audio":
-            parts.append(self.cfg.decode.audio_rate)
+    def field_config(self, f: str) -> dict[str, Any]:
+        """What determines a field's output besides its inputs: the extractor (weights included, version
+        aside), its result-determining options and the decoding settings the field depends on."""
+        spec: ExtractorSpec = getattr(self.cfg, f)
+        cls = get_extractor(spec.name)
+        desc = {k: v for k, v in self.describe(f).items() if k != "version"}
+        options = config_dict(from_dict(cls.Config, to_dict(self.options(f))))
+        decode = config_dict(self.cfg.decode)
+        if f in VISUAL_FIELDS:
+            decode.pop("audio_rate", None)
+        elif f == "audio":
+            decode = {"audio_rate": decode["audio_rate"]}
+        else:
+            decode = {}
+        return {"field": f, "extractor": desc, "options": options, "decode": decode}
+
+    def lineage(self, f: str, job: ShardJob) -> Lineage:
+        """Config, code (extractor version and shard format) and inputs (the shard's videos, and for
+        text its captions, as fingerprints from the scan's plan) of one field of one shard."""
+        desc = self.describe(f)
+        inputs = {"videos": job.planned.videos}
         if f == "text":
-            caps = self.captions(job.index)
-            parts.append([[dataclasses.astuple(c) for c in caps.get(r.id, [])] for r in job.records])
-        return fingerprint(*parts)
+            inputs["captions"] = job.planned.captions
+        if f not in self._field_fp:
+            self._field_fp[f] = fingerprint(self.field_config(f))
+        return Lineage(config=self._field_fp[f], code=f"{desc['extractor']}-{desc['version']}/{SHARD_FORMAT}",
+                       inputs=inputs)
 
     # -- work ---------------------------------------------------------------------------------------
-    def process(self, job: ShardJob, fields: list[str]) -> None:
+    def process(self, job: ShardJob, claims: dict[str, Claim]) -> None:
+        fields = list(claims)
         if self.cfg.torch_threads > 0:
             torch.set_num_threads(self.cfg.torch_threads)
         results: dict[str, dict[str, FieldResult]] = {f: {} for f in fields}
@@ -189,7 +208,7 @@ class ExtractStage:
         if "text" in fields:
             self._text(job, todo, results["text"])
         for f in fields:
-            self._write(job, f, results[f])
+            self._write(job, f, results[f], claims[f])
 
     def _visual(self, records: list[VideoRecord], fields: list[str], results: dict[str, dict[str, FieldResult]]) -> None:
         window = 16
@@ -236,7 +255,7 @@ class ExtractStage:
 
     def _audio(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult]) -> None:
         ex = self.extractor("audio")
-        scratch = self.ws.scratch / f"audio-{job.index:06d}"
+        scratch = self.scratch() / f"audio-{job.index:06d}"
         try:
             for r in records:
                 if not r.has_audio:
@@ -279,9 +298,9 @@ class ExtractStage:
                 meta={"captions": [dataclasses.asdict(c) for c in items]},
             )
 
-    def _write(self, job: ShardJob, f: str, results: dict[str, FieldResult]) -> None:
+    def _write(self, job: ShardJob, f: str, results: dict[str, FieldResult], claim: Claim) -> None:
         desc = self.describe(f)
-        writer = ShardWriter(self.ws, f, job.index, self.fingerprint(f, job), extra={"extractor": desc})
+        writer = ShardWriter(self.ws, f, job.index, self.lineage(f, job), desc, claim=claim)
         try:
             for r in job.records:
                 res = results[r.id]

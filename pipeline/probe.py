@@ -80,4 +80,5 @@ def probe_video(path: Path) -> dict[str, Any]:
         "audio_rate": int(audio.get("sample_rate") or 0) or None if audio else None,
         "audio_channels": int(audio.get("channels") or 0) or None if audio else None,
         "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
     }

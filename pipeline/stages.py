@@ -1,63 +1,321 @@
-"""Stage entry points shared by the CLI and `mcn run`: read the workspace, run, record the config."""
+"""Stage entry points shared by the CLI and `mcn run`: every stage through the runner, with lineage.
+
+Lineage chain (store.lineage): the scan's record holds the shard plan with the fingerprint of every
+shard's inputs; an extract shard's lineage is its field's config and code plus those inputs; a
+training run's lineage is its config and code plus the fingerprints of the features it read; an
+evaluation's lineage is its set's config plus the checkpoint's identity and its features' fingerprint.
+A change anywhere makes exactly the units downstream of it stale.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Config, write_resolved
-from pipeline.manifest import group_by_shard, iter_manifest
 from pipeline.ranks import rank_and_world
-from pipeline.runner import RunSummary, ShardJob, run_stage
-from pipeline.workspace import Workspace
+from pipeline.runner import RunSummary, ShardJob, Workers, run_sharded
+from store.layout import Workspace, latest_checkpoint
+from store.lineage import Lineage, UnitState, config_dict, fingerprint, read_record, unit_state
+from store.manifest import group_by_shard, iter_manifest, read_scan
+from store.reader import FeatureSet, open_features
 
 logger = logging.getLogger(__name__)
 
-
-def shard_jobs(ws: Workspace) -> list[ShardJob]:
-    return [ShardJob(i, recs) for i, recs in group_by_shard(iter_manifest(ws.manifest)).items()]
+_WORKERS: dict[tuple[str, str], Workers] = {}
 
 
-def videos_root(ws: Workspace) -> Path:
-    if not ws.scan_summary.exists():
-        raise FileNotFoundError(f"no scan summary at {ws.scan_summary}: run `mcn scan` first")
-    return Path(json.loads(ws.scan_summary.read_text())["videos_root"])
+def workers_for(ws: Workspace, cfg: Config) -> Workers:
+    """This process's :class:`Workers` of a workspace (one registry per workspace and process)."""
+    key = (str(ws.root.resolve()), repr(cfg.runner))
+    if key not in _WORKERS:
+        _WORKERS[key] = Workers(ws, cfg.runner)
+    return _WORKERS[key]
 
 
-def extract_stage(ws: Workspace, cfg: Config):
+# --------------------------------------------------------------------------------------------------
+# extract
+
+
+def shard_jobs(ws: Workspace, *, with_records: bool = True) -> list[ShardJob]:
+    """The shards of the scan's plan; with their manifest records (to process them) or without (to
+    check their state, which needs only the plan)."""
+    scan = read_scan(ws)
+    jobs = [ShardJob(p.index, p) for p in scan.shards]
+    if with_records:
+        groups = group_by_shard(iter_manifest(ws.manifest))
+        for job in jobs:
+            job.records = groups.get(job.index, [])
+            if len(job.records) != job.planned.n_videos:
+                raise FileNotFoundError(f"the manifest does not match the scan's plan (shard {job.index}); "
+                                        "run `mcn scan` again")
+    return jobs
+
+
+def extract_stage(ws: Workspace, cfg: Config, workers: Workers | None = None):
     from pipeline.extract import ExtractStage
 
-    return ExtractStage(ws, cfg.extract, videos_root(ws))
+    scan = read_scan(ws)
+    return ExtractStage(ws, cfg.extract, scan.videos_root, scratch=(workers.scratch if workers else None))
 
 
-def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bool = True) -> RunSummary:
-    stage = extract_stage(ws, cfg)
-    rank, world = rank_and_world()
-    summary = run_stage(stage, ws, shard_jobs(ws), rank=rank, world=world, force=force, progress=progress)
-    if rank == 0:
-        for f in stage.fields:
-            write_resolved(ws.field_dir(f) / "config.yaml", cfg.extract, field=f,
-                           extractor=stage.describe(f))
+def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bool = True,
+                verify: bool = False, dynamic: bool | None = None) -> RunSummary:
+    """Extract the shards this process takes (see :func:`pipeline.runner.run_sharded`).
+
+    ``dynamic`` overrides ``runner.mode`` (``mcn run`` uses it with several ranks, so that every rank
+    returns only when every shard is done)."""
+    workers = workers_for(ws, cfg)
+    if dynamic is not None:
+        mode = "dynamic" if dynamic else "static"
+        workers = Workers(ws, type(cfg.runner)(**{**cfg.runner.__dict__, "mode": mode}))
+    stage = extract_stage(ws, cfg, workers)
+    rank, world = rank_and_world(partition=workers.cfg.mode == "static")
+    summary = run_sharded(stage, workers, shard_jobs(ws), rank=rank, world=world, force=force,
+                          progress=progress, verify=verify)
+    if rank == 0 or workers.cfg.mode == "dynamic":
+        for f in stage.fields:  # each field's own settings: a change to one field rewrites only its file
+            write_resolved(ws.field_config(f), getattr(cfg.extract, f), field=f,
+                           decode=stage.field_config(f)["decode"], extractor=stage.describe(f))
     return summary
 
 
-def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_from: str | None = None,
-              progress: bool = True):
-    """Train into WS/runs/<evaluate.run>; a finished run (max_steps/epochs reached) is a no-op."""
-    from model.distributed import cleanup, init_distributed
-    from model.train import train
+@dataclass
+class FieldState:
+    """One field's shards: counts by state, the reasons for staleness and the failed videos."""
 
-    run_dir = ws.run_dir(cfg.evaluate.run)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    field: str
+    extractor: str = ""
+    done: int = 0
+    stale: int = 0
+    missing: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # reason → shards
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (video id, status, reason)
+
+    @property
+    def complete(self) -> bool:
+        return self.stale == 0 and self.missing == 0
+
+
+def extract_states(ws: Workspace, cfg: Config, *, verify: bool = False) -> dict[str, FieldState]:
+    """Per field of ``cfg.extract.fields``: done / stale / missing shards (reasons) and failed videos."""
+    from store.shards import shard_state
+
+    stage = extract_stage(ws, cfg)
+    jobs = shard_jobs(ws, with_records=False)
+    out: dict[str, FieldState] = {}
+    for f in stage.fields:
+        st = FieldState(f, extractor=stage.describe(f)["extractor"])
+        for job in jobs:
+            s = shard_state(ws, f, job.index, stage.lineage(f, job), verify=verify)
+            setattr(st, s.status, getattr(st, s.status) + 1)
+            for r in s.reasons:
+                st.reasons[r] = st.reasons.get(r, 0) + 1
+            if s.record is not None:
+                for v in s.record.get("videos", []):
+                    if v.get("status") != "ok":
+                        st.failed.append((str(v.get("id")), str(v.get("status")), str(v.get("error"))))
+        out[f] = st
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def train_lineage(cfg: Config, features: FeatureSet) -> Lineage:
+    """A run's lineage: its result-determining config, the training code's version and the
+    fingerprints of the four fields' feature shards it reads."""
+    from model.train import CODE_VERSION
+
+    return Lineage(config=fingerprint(config_dict(cfg.train)), code=CODE_VERSION,
+                   inputs={f"features/{f}": features.fingerprints[f] for f in features.fields})
+
+
+def find_run(ws: Workspace, name: str, lineage: Lineage) -> Path:
+    """The folder of run ``name`` for ``lineage``: ``runs/<name>`` when it holds this lineage or is
+    unused, else ``runs/<name>-<fingerprint[:8]>`` beside it (a stale run is never overwritten)."""
+    first, other = ws.run_dirs(name, lineage.fingerprint)
+    for d in (first, other):
+        rec = read_record(ws.run_record(d))
+        if rec is not None and rec.get("fingerprint") == lineage.fingerprint:
+            return d
+    unused = read_record(ws.run_record(first)) is None and latest_checkpoint(ws.checkpoints_dir(first)) is None
+    return first if unused else other
+
+
+def run_limit(cfg: Config, total_steps: int) -> int:
+    return total_steps if cfg.train.max_steps is None else min(total_steps, cfg.train.max_steps)
+
+
+def run_state(ws: Workspace, cfg: Config, run_dir: Path, lineage: Lineage) -> UnitState:
+    """done (trained to its limit, checkpoint present) / stale (with the reason) / missing."""
+    rec = read_record(ws.run_record(run_dir))
+    st = unit_state(rec, lineage)
+    if st.done and rec is not None:
+        limit = run_limit(cfg, int(rec.get("total_steps") or 0))
+        ckpt = Workspace.checkpoints_dir(run_dir) / str(rec.get("checkpoint") or "")
+        if int(rec.get("step") or 0) < limit or not rec.get("total_steps"):
+            return UnitState("stale", [f"incomplete: step {rec.get('step', 0)} of {limit or '?'}"], rec)
+        if not rec.get("checkpoint") or not ckpt.is_file():
+            return UnitState("stale", [f"its checkpoint {ckpt.name} is missing"], rec)
+    return st
+
+
+@dataclass
+class TrainState:
+    """The run of the current config and features: its folder, lineage and state; ``upstream``: why
+    the features it would read are not current (extract not done), empty when they are."""
+
+    run_dir: Path
+    lineage: Lineage
+    state: UnitState
+    features: FeatureSet
+    upstream: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        rec = self.state.record or {}
+        if not rec.get("checkpoint"):
+            return None
+        return Workspace.checkpoints_dir(self.run_dir) / str(rec["checkpoint"])
+
+
+def features_upstream(ws: Workspace, cfg: Config, features: FeatureSet) -> list[str]:
+    """Why the features on disk are not those of the current scan and extract config."""
+    reasons = [f"features: {p}" for p in features.problems[:3]]
+    if len(features.problems) > 3:
+        reasons.append(f"features: {len(features.problems) - 3} more shard(s) incomplete")
+    try:
+        states = extract_states(ws, cfg)
+    except FileNotFoundError as exc:
+        return reasons + [str(exc)]
+    for f, st in states.items():
+        if not st.complete:
+            why = ", ".join(sorted(st.reasons)) or "not extracted"
+            reasons.append(f"extract {f}: {st.stale} stale, {st.missing} missing ({why})")
+    return reasons
+
+
+def train_state(ws: Workspace, cfg: Config, *, features: FeatureSet | None = None) -> TrainState:
+    features = features or open_features(ws, check_sizes=cfg.train.data.check_sizes)
+    lineage = train_lineage(cfg, features)
+    run_dir = find_run(ws, cfg.evaluate.run, lineage)
+    return TrainState(run_dir, lineage, run_state(ws, cfg, run_dir, lineage), features,
+                      features_upstream(ws, cfg, features))
+
+
+def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_from: str | None = None,
+              progress: bool = True) -> Any:
+    """Train the run of the current config and features (``runs/<evaluate.run>``, or beside it when
+    that folder holds another lineage). A run that is done is not touched; an incomplete one resumes
+    from its latest checkpoint. Returns the ``TrainResult`` (``trained=False`` when it was done)."""
+    from model.distributed import broadcast_, cleanup, init_distributed
+    from model.train import TrainResult, train
+
     cfg.train.progress = cfg.train.progress and progress
     rank, world = rank_and_world()
-    if rank == 0:
-        write_resolved(run_dir / "config.yaml", cfg.train, world_size=world)
+    ts = train_state(ws, cfg)
+    if not ts.features.shards:
+        raise FileNotFoundError(f"no complete feature shards in {ws.features_dir}: run `mcn extract` first")
+    if ts.upstream:
+        raise FileNotFoundError("the features are not current: " + "; ".join(ts.upstream)
+                                + " (run `mcn extract`, or `mcn run`)")
+
+    def done_result(done: TrainState) -> TrainResult:
+        rec = done.state.record or {}
+        logger.info("train: run %s is done (step %s)", done.run_dir.name, rec.get("step"))
+        return TrainResult(step=int(rec["step"]), epoch=int(rec.get("epoch", 0)), losses=rec.get("losses", {}),
+                           checkpoint=done.checkpoint, total_steps=int(rec["total_steps"]),
+                           limit=run_limit(cfg, int(rec["total_steps"])), trained=False)
+
+    if ts.state.done:
+        return done_result(ts)
     if world > 1:
         init_distributed()
+    workers = workers_for(ws, cfg)
+    claim = None
     try:
-        return train(cfg.train, ws.features_dir, run_dir, resume=resume, init_from=init_from)
+        if rank == 0:
+            claim = workers.claim(ws.run_unit(ts.run_dir), what=f"training run {ts.run_dir.name}")
+        go = _agree(rank == 0 and not run_state(ws, cfg, ts.run_dir, ts.lineage).done, world, broadcast_)
+        if not go:
+            logger.info("train: run %s was completed by another process", ts.run_dir.name)
+            return done_result(train_state(ws, cfg))
+        if rank == 0:
+            reason = "; ".join(ts.state.reasons) if ts.state.status == "stale" else "new run"
+            logger.info("train: run %s (%s)", ts.run_dir.name, reason)
+            ts.run_dir.mkdir(parents=True, exist_ok=True)
+            config_path = ws.run_config(ts.run_dir)
+            if not config_path.exists():  # the resolved config of a run is written once, at its creation
+                write_resolved(config_path, cfg.train, world_size=world, run=ts.run_dir.name)
+            _write_run_record(ws, ts, step=_ckpt_step(ts.run_dir), complete=False)
+        result = train(cfg.train, ts.features, ts.run_dir, resume=resume or "latest", init_from=init_from)
+        if rank == 0:
+            _write_run_record(ws, ts, step=result.step, complete=result.step >= result.limit, result=result,
+                              world=world)
+        return result
     finally:
+        if claim is not None:
+            claim.release()
         if world > 1:
             cleanup()
+
+
+def _agree(flag: bool, world: int, broadcast_: Any) -> bool:
+    """Rank 0's decision, on every rank."""
+    if world == 1:
+        return flag
+    import torch
+
+    t = torch.tensor([1 if flag else 0])
+    broadcast_(t)
+    return bool(t.item())
+
+
+def _ckpt_step(run_dir: Path) -> int:
+    from store.layout import checkpoint_step
+
+    ckpt = latest_checkpoint(Workspace.checkpoints_dir(run_dir))
+    return (checkpoint_step(ckpt.name) or 0) if ckpt else 0
+
+
+def _write_run_record(ws: Workspace, ts: TrainState, *, step: int, complete: bool, result: Any = None,
+                      world: int = 1) -> None:
+    from store.lineage import write_record
+
+    payload: dict[str, Any] = {
+        "name": ts.run_dir.name, "step": step, "complete": complete,
+        "features": {"n_shards": len(ts.features.shards), "n_usable": ts.features.n_usable},
+    }
+    if result is not None:
+        payload.update(epoch=result.epoch, total_steps=result.total_steps, limit=result.limit,
+                       checkpoint=result.checkpoint.name if result.checkpoint else None,
+                       losses={k: float(v) for k, v in result.losses.items()}, world_size=world)
+    write_record(ws.run_record(ts.run_dir), ws.run_unit(ts.run_dir), ts.lineage, **payload)
+
+
+def current_checkpoint(ws: Workspace, cfg: Config, checkpoint: str | None = None) -> Path:
+    """``checkpoint`` when given (must exist), else the checkpoint of the run of the current config
+    and features, which must be done (FileNotFoundError saying why not)."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+    ts = train_state(ws, cfg)
+    if ts.upstream:
+        raise FileNotFoundError("the features are not current (" + "; ".join(ts.upstream) + "): run `mcn run`, "
+                                "or pass --checkpoint")
+    if not ts.state.done or ts.checkpoint is None:
+        why = "; ".join(ts.state.reasons) if ts.state.reasons else "not trained"
+        raise FileNotFoundError(f"run {ts.run_dir.name} of the current config and features is not done ({why}): "
+                                "train first (`mcn train`) or pass --checkpoint")
+    return ts.checkpoint
+
+
+__all__ = ["FieldState", "TrainState", "current_checkpoint", "extract_stage", "extract_states",
+           "find_run", "run_extract", "run_state", "run_train", "shard_jobs", "train_lineage", "train_state",
+           "workers_for"]

@@ -5,19 +5,19 @@ Bit-exact flags and single-threaded x264 make the bytes depend only on the input
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from store import atomic
 from synthetic.plan import DemoDataConfig, VideoSpec
 from synthetic.render import iter_frames
 from synthetic.speech import render_audio, write_wav
 
 
 def encode_video(video: VideoSpec, cfg: DemoDataConfig, mp4: Path, fingerprint: str) -> None:
-    """Render, narrate and mux one video into ``mp4`` (via a ``.part`` file and a rename)."""
-    tmp_mp4 = mp4.with_name(mp4.name + ".part")
+    """Render, narrate and mux one video into ``mp4`` (via a temporary file and a rename)."""
+    tmp_mp4 = atomic.temp_path(mp4)
     with tempfile.TemporaryDirectory(prefix="mcn-demo-") as tmp:
         wav = Path(tmp) / "narration.wav"
         write_wav(wav, render_audio(video, cfg.fps, cfg.sample_rate), cfg.sample_rate)
@@ -58,7 +58,5 @@ def encode_video(video: VideoSpec, cfg: DemoDataConfig, mp4: Path, fingerprint: 
             tmp_mp4.unlink(missing_ok=True)
             raise RuntimeError(f"ffmpeg failed for {mp4.name} ({rc}): "
                                f"{log_path.read_text(errors='replace').strip()[-500:]}")
-    with open(tmp_mp4, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_mp4, mp4)
+    atomic.commit_file(tmp_mp4, mp4)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from store import atomic, owner
 from synthetic.captions import srt_text
 from synthetic.encode import encode_video
 from synthetic.plan import SPLITS, Combo, DemoDataConfig, VideoSpec, plan_demo_data
@@ -75,15 +75,6 @@ def video_fingerprint(video: VideoSpec, cfg: DemoDataConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _stored_fingerprint(mp4: Path) -> str | None:
     proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format_tags=comment",
                            "-of", "default=nw=1:nk=1", str(mp4)], capture_output=True, text=True)
@@ -107,15 +98,17 @@ def _make_video(video: VideoSpec, cfg: DemoDataConfig) -> bool:
         return False
     srt.unlink(missing_ok=True)  # captions are written last: their presence marks completion
     encode_video(video, cfg, mp4, fingerprint)
-    _atomic_write_text(srt, srt_text(video))
+    atomic.write_text(srt, srt_text(video))
     return True
 
 
 def _prune(split_dir: Path, expected: set[str]) -> None:
     """Remove leftovers of this generator that the current plan does not contain."""
+    mine = owner.current().token
     for path in sorted(split_dir.iterdir()):
-        name = path.name[:-5] if path.name.endswith(".part") else path.name
-        if _NAME_RE.match(name) and (path.name != name or name not in expected):
+        token = atomic.temp_owner(path.name)
+        name = path.name[1:].rsplit(atomic.TEMP_MARK, 1)[0] if token else path.name
+        if _NAME_RE.match(name) and ((token is not None and token != mine) or (token is None and name not in expected)):
             logger.info("removing stale %s", path)
             path.unlink()
 
@@ -149,7 +142,7 @@ def generate_demo_data(cfg: DemoDataConfig) -> DemoDataSummary:
         "videos": [v.to_json() for v in plan.videos],
     }
     index_path = cfg.out_dir / INDEX_NAME
-    _atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+    atomic.write_if_changed(index_path, json.dumps(index, indent=1) + "\n")
     summary = DemoDataSummary(
         out_dir=cfg.out_dir, index_path=index_path,
         train_videos=[cfg.out_dir / v.split / f"{v.name}.mp4" for v in plan.videos if v.split == "train"],

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from store.lineage import RUNTIME, config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ Combo = tuple[str, str, str]
 class DemoDataConfig:
     """What to generate; everything but ``out_dir``, ``workers`` and ``progress`` is in the plan."""
 
-    out_dir: Path = Path("demo_videos")
+    out_dir: Path = field(default=Path("demo_videos"), metadata=RUNTIME)  # where, not what: not in the plan
     n_videos: int = 24  # training videos
     n_heldout: int = 6  # videos of the held-out split
     min_seconds: float = 3.0  # per segment, multiples of 0.5 s between min and max
@@ -76,8 +78,8 @@ class DemoDataConfig:
     motions: tuple[str, ...] = MOTIONS
     crf: int = 23
     preset: str = "veryfast"
-    workers: int = 1  # videos encoded concurrently (each is a Python renderer + one ffmpeg)
-    progress: bool = True
+    workers: int = field(default=1, metadata=RUNTIME)  # videos encoded at once (a renderer + one ffmpeg each)
+    progress: bool = field(default=True, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -104,10 +106,7 @@ class DemoDataConfig:
 
     def plan_dict(self) -> dict[str, Any]:
         """The config fields that determine the output (no paths, no execution knobs)."""
-        d = asdict(self)
-        for k in ("out_dir", "workers", "progress"):
-            d.pop(k)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        return config_dict(self)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-PACKAGES = ("pipeline", "extractors", "model", "evaluation", "synthetic")
+PACKAGES = ("store", "pipeline", "extractors", "model", "evaluation", "synthetic")
 VOLUMES = {"/data/videos", "/data/workspace", "/models"}
 
 
@@ -417,7 +417,7 @@ def test_installed_cli_and_imports_work_outside_the_repo(installed):
         assert command in proc.stdout
     code = (
         "import importlib, json, pkgutil, sys\n"
-        "import pipeline, extractors, model, evaluation, synthetic\n"
+        "import store, pipeline, extractors, model, evaluation, synthetic\n"
         "names = []\n"
         f"for top in {PACKAGES!r}:\n"
         "    pkg = importlib.import_module(top)\n"
@@ -523,8 +523,7 @@ def test_extract_sbatch(tmp_path, runtime):
     args = check_mcn_argv(argv, "extract", ws)
     assert args.fields == ["text", "video2d"] and args.no_progress
     assert "extract.workers.num_workers=6" in args.overrides
-    assert not any(a.startswith(("RANK", "WORLD_SIZE")) or "PROCID" in a for a in argv), \
-        "ranks come from SLURM_PROCID/SLURM_NTASKS, read by the pipeline"
+    assert args.claim == "dynamic", "tasks share the shards through claims: no partition by rank"
     # re-submission with a manifest: extract only (done shards are skipped by the pipeline)
     (tmp_path / "ws" / "manifest.jsonl").write_text("")
     shutil.rmtree(tmp_path / "bin")
@@ -603,15 +602,14 @@ def check_pod(job: dict, gpus: int) -> dict:
 def test_k8s_extract_job():
     docs = load_k8s("extract-job.yaml")
     job = docs["Job"]
-    assert job["apiVersion"] == "batch/v1" and job["spec"]["completionMode"] == "Indexed"
+    assert job["apiVersion"] == "batch/v1" and "completionMode" not in job["spec"]
+    assert "completions" not in job["spec"] and job["spec"]["parallelism"] >= 1, "a work queue"
     container = check_pod(job, gpus=1)
     assert "command" not in container, "the image's entrypoint (mcn) runs"
     env = env_of(container)
-    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert env["RANK"] == {"fieldRef": {"fieldPath": index}}
-    assert int(env["WORLD_SIZE"]) == job["spec"]["completions"] >= job["spec"]["parallelism"]
+    assert "RANK" not in env and "WORLD_SIZE" not in env
     args = check_mcn_argv(container["args"], "extract", "/data/workspace")
-    assert args.no_progress
+    assert args.no_progress and args.claim == "dynamic"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/data/videos"].get("readOnly")
     assert "mcn extract" in (DOCKER / "k8s" / "extract-job.yaml").read_text()

@@ -1,4 +1,6 @@
-"""`mcn run` end to end on a handful of generated videos; kill + re-run; 2-rank extract; torchrun train."""
+"""`mcn run` end to end on a handful of generated videos: kill + re-run; lineage (a change redoes exactly
+what is downstream of it, a re-run with nothing changed writes nothing); many `mcn extract` processes on
+one workspace; torchrun training; evaluation's bad inputs; CrossTask and search from the CLI."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import read_record
-from pipeline.workspace import FIELDS, Workspace
+from store.fields import FIELDS
+from store.layout import Workspace
+from store.lineage import read_record
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,26 +114,106 @@ def test_run_end_to_end_and_rerun_after_sigkill(videos, extracted, tmp_path):
     assert resumed["retrieval"] == metrics["retrieval"]
 
 
-def test_two_ranks_extract_every_shard_once(videos, extracted, tmp_path):
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under root, except claims and owner registry (bookkeeping)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file() and "locks" not in p.relative_to(root).parts}
+
+
+def test_a_change_redoes_exactly_what_is_downstream(videos, extracted, tmp_path):
+    """The issue's scenario: change only the text extractor's options. Status says what is stale and
+    why; `mcn run` redoes the text shards, trains a new run beside the old one and re-evaluates; a
+    second `mcn run` with nothing changed writes no file at all."""
     ws, common = extracted
-    two = tmp_path / "two"
-    two.mkdir()
+    w = tmp_path / "lineage"
+    shutil.copytree(ws, w)
+    args = [c if c != str(ws) else str(w) for c in common]
+    run = ["run", "--videos", str(videos / "train"), *args]
+    first = mcn(*run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    status = mcn("status", *args)
+    assert status.returncode == 0, status.stderr[-2000:]
+    states = {tuple(line.split()[:2]): line.split()[2] for line in status.stdout.splitlines()[2:]
+              if line and not line.startswith(" ")}
+    assert set(states.values()) == {"done"} and ("train", "default") in states
+
+    before = _snapshot(w)
+    changed = [*args, "extract.text.options={max_words: 12}"]
+    status = mcn("status", *changed)
+    lines = {tuple(line.split()[:2]): line for line in status.stdout.splitlines() if line and not line.startswith(" ")}
+    assert "stale" in lines[("extract", "text")] and "config changed (3)" in lines[("extract", "text")]
+    assert all(" done " in lines[("extract", f)] for f in ("video2d", "video3d", "audio"))
+    assert "stale" in lines[("train", "default")] and "waiting on extract text" in lines[("train", "default")]
+    assert "stale" in lines[("evaluate", "heldout")] and "waiting on train" in lines[("evaluate", "heldout")]
+    assert _snapshot(w) == before  # status writes nothing
+
+    redo = mcn("run", "--videos", str(videos / "train"), *changed)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "shards written this run: video2d 0/3, video3d 0/3, audio 0/3, text 3/3" in redo.stdout
+    after = _snapshot(w)
+    changed_files = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert {k for k in changed_files if k.startswith("features/")} == \
+        {f"features/text/shard-{i:06d}.{x}" for i in range(3) for x in ("tar", "json")} | {"features/text/config.yaml"}
+    assert not {k for k in changed_files if k.startswith(("runs/default/", "scan", "manifest", "captions/"))}
+    new_runs = {k.split("/")[1] for k in changed_files if k.startswith("runs/")}
+    assert len(new_runs) == 1 and (new := new_runs.pop()).startswith("default-")  # beside the old one
+    assert "[trained]" in redo.stdout and f"runs/{new}/checkpoints" in redo.stdout
+    rec = read_record(w / "eval" / "heldout" / "record.json")
+    assert rec["checkpoint"]["path"].endswith(f"runs/{new}/checkpoints/step-000003.pt")
+    old = read_record(w / "runs" / "default" / "record.json")
+    newrec = read_record(w / "runs" / new / "record.json")
+    assert old["fingerprint"] != newrec["fingerprint"] and newrec["complete"] and newrec["step"] == 3
+    assert old["lineage"]["inputs"]["features/text"] != newrec["lineage"]["inputs"]["features/text"]
+    assert old["lineage"]["inputs"]["features/video2d"] == newrec["lineage"]["inputs"]["features/video2d"]
+    status = mcn("status", *changed)
+    assert f"train     {new}" in status.stdout and "kept     another lineage" in status.stdout
+
+    settled = _snapshot(w)
+    again = mcn("run", "--videos", str(videos / "train"), *changed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[done already]" in again.stdout and "unchanged since the last evaluation" in again.stdout
+    assert _snapshot(w) == settled  # nothing changed: no file written
+
+
+def _scanned_copy(ws: Path, dest: Path) -> Path:
+    dest.mkdir()
     for name in ("manifest.jsonl", "scan.json", "captions"):
         src = ws / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, two / name)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    return dest
+
+
+def test_many_extract_processes_write_each_shard_once(videos, extracted, tmp_path):
+    """Static ranks 0 and 1 of 2, a second rank 0 (a restarted array task), then a dynamic worker
+    joining late; where unshare is allowed, two of them run as PID 1 of their own PID namespace. All
+    exit 0, each (shard, field) is written by exactly one process, and the shards are byte-identical
+    to a single-process run."""
+    ws, common = extracted
+    many = _scanned_copy(ws, tmp_path / "many")
+    args = [c if c != str(ws) else str(many) for c in common]
+    pidns = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+    ns = ["unshare", "--pid", "--fork", "--mount-proc"] if pidns else []
+    plan = [([], {"RANK": "0", "WORLD_SIZE": "2"}, []), (ns, {"RANK": "1", "WORLD_SIZE": "2"}, []),
+            ([], {"RANK": "0", "WORLD_SIZE": "2"}, []), (ns, {}, ["--claim", "dynamic"])]
     procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
-        args = [c if c != str(ws) else str(two) for c in common]
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", *args], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for prefix, env, extra in plan:
+        procs.append(subprocess.Popen([*prefix, sys.executable, "-m", "pipeline.cli", "extract", *extra, *args],
+                                      cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+        time.sleep(1.5)  # staggered starts
     outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert "rank shards 2/3" in outs[0][0] and "rank shards 1/3" in outs[1][0]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
+    written = {f: 0 for f in FIELDS}
+    for out, _ in outs:
+        line = next(x for x in out.splitlines() if x.startswith("extract:"))
+        for f in FIELDS:
+            written[f] += int(line.split(f"{f} ")[1].split(",")[0].split(";")[0])
+    assert written == {f: 3 for f in FIELDS}, [o[0] for o in outs]
     for f in FIELDS:
         for i in range(3):
-            assert (two / "features" / f / f"shard-{i:06d}.tar").read_bytes() == \
+            assert (many / "features" / f / f"shard-{i:06d}.tar").read_bytes() == \
                 (ws / "features" / f / f"shard-{i:06d}.tar").read_bytes()
+    assert not list((many / "locks").rglob("*.lock")) and not [p for p in many.rglob("*") if ".tmp-" in p.name]
 
 
 def test_torchrun_two_process_training(extracted, tmp_path):
@@ -230,4 +313,8 @@ def test_crosstask_localization_and_search_from_the_cli(videos, extracted, check
     rows = [line.split() for line in proc.stdout.splitlines()[1:] if line.strip()]
     scores = [float(r[0]) for r in rows]
     assert len(rows) == 3 and scores == sorted(scores, reverse=True)
-    assert (ws / "eval" / "search-cache" / "index.json").exists()
+    assert (ws / "cache" / "search" / "index.json").exists()
+    index_mtime = (ws / "cache" / "search" / "index.json").stat().st_mtime_ns
+    again = mcn("search", "the blue square", "--checkpoint", str(checkpoint), "--top", "2", *common)
+    assert again.returncode == 0 and "embedded and saved" not in again.stderr
+    assert (ws / "cache" / "search" / "index.json").stat().st_mtime_ns == index_mtime  # the cache was reused

@@ -1,12 +1,13 @@
 """Search index on fixture shards with a tiny random MCN: ranking against a direct numpy computation,
-cache reuse (the model is not called again) and invalidation, queries without a known word."""
+loading a saved index (the model is not called again), refusing a damaged one, queries without a
+known word. When a saved index is stale (checkpoint, features, clip settings) is decided by the
+pipeline (pipeline/search.py), and tested there."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from evaluation.search import SearchIndex, search_text
 from extractors import create
 from model.checkpoint import save_model_checkpoint
 from model.mcn import MCN, MCNConfig
+from store.layout import Workspace
+from store.reader import FeatureSet, open_features
 from tests.model.conftest import D2, D3, DW, N_MELS, make_features
 
 CLIPS = ClipSetConfig(audio_frames=200)
@@ -41,11 +44,11 @@ class CallCounter:
 
 
 @pytest.fixture(scope="module")
-def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def features(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
     """2 shards with a no_audio, a no_captions, a failed and a corrupted video + a corrupted shard."""
-    root = tmp_path_factory.mktemp("search") / "features"
-    make_features(root, n_shards=2, per_shard=4, seed=3, duration=20.0)
-    return root
+    ws = Workspace(tmp_path_factory.mktemp("search") / "ws")
+    make_features(ws, n_shards=2, per_shard=4, seed=3, duration=20.0)
+    return open_features(ws)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def extractor(tmp_path_factory: pytest.TempPathFactory):
     return create("word2vec", {"weights": str(path), "binary": False})
 
 
-def direct_scores(model: MCN, features: Path, words: np.ndarray, n: int) -> tuple[object, np.ndarray]:
+def direct_scores(model: MCN, features: FeatureSet, words: np.ndarray, n: int) -> tuple[object, np.ndarray]:
     """The clips and t·(v + a) (audio only where present) computed from scratch."""
     clips = build_clipset(features, CLIPS)
     emb = embed_clipset(model, clips)
@@ -71,7 +74,7 @@ def direct_scores(model: MCN, features: Path, words: np.ndarray, n: int) -> tupl
     return clips, scores
 
 
-def test_search_ranks_like_numpy_and_reuses_the_cache(features: Path, tmp_path: Path) -> None:
+def test_search_ranks_like_numpy_and_loads_the_saved_index(features: FeatureSet, tmp_path: Path) -> None:
     model = tiny_model(0)
     ckpt = save_model_checkpoint(tmp_path / "ckpt.pt", model)
     counter = CallCounter(model)
@@ -96,13 +99,18 @@ def test_search_ranks_like_numpy_and_reuses_the_cache(features: Path, tmp_path: 
     assert len(index.search(words, 5, top=10_000)) == len(index)
 
     calls = counter.calls
-    again = SearchIndex.build(features, ckpt, cache, model=model, clip_config=CLIPS)
+    again = SearchIndex.load(cache, ckpt, clip_config=CLIPS, model=model)
     assert again.from_cache and counter.calls == calls  # nothing re-embedded
     np.testing.assert_array_equal(again.video, index.video)
+    np.testing.assert_array_equal(again.audio, index.audio)
     np.testing.assert_array_equal(again.audio_mask, index.audio_mask)
+    assert again.video_ids == index.video_ids and again.captions == index.captions
+    assert again.problems == index.problems
+    np.testing.assert_array_equal(again.starts, index.starts)
+    np.testing.assert_array_equal(again.ends, index.ends)
     assert again.search(words, 5, top=7) == hits
 
-    lazy = SearchIndex.build(features, ckpt, cache, clip_config=CLIPS)  # no model: none loaded
+    lazy = SearchIndex.load(cache, ckpt, clip_config=CLIPS)  # no model: none loaded
     assert lazy.from_cache and lazy.model is None
     lazy_hits = lazy.search(words, 5, top=7)  # loads the checkpoint for the query
     assert lazy.model is not None
@@ -113,45 +121,91 @@ def test_search_ranks_like_numpy_and_reuses_the_cache(features: Path, tmp_path: 
         index.search(words, 0)
 
 
-def test_cache_invalidation(features: Path, tmp_path: Path) -> None:
+def test_build_always_rebuilds_and_saves(features: FeatureSet, tmp_path: Path) -> None:
     ckpt, cache = tmp_path / "ckpt.pt", tmp_path / "cache"
     m1 = tiny_model(1)
     save_model_checkpoint(ckpt, m1)
     first = SearchIndex.build(features, ckpt, cache, model=m1, clip_config=CLIPS)
     video1 = np.array(first.video)
 
-    st = ckpt.stat()  # touched, same content: the sha256 is recomputed and still matches
-    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    assert SearchIndex.build(features, ckpt, cache, model=m1, clip_config=CLIPS).from_cache
-    stored = json.loads((cache / "index.json").read_text())["checkpoint"]
-    assert stored["mtime_ns"] == st.st_mtime_ns + 5_000_000_000  # the new stat is remembered
-
-    m2 = tiny_model(2)  # new weights in the same file
+    m2 = tiny_model(2)  # new weights in the same file: build embeds again, whatever was saved
     save_model_checkpoint(ckpt, m2)
     counter = CallCounter(m2)
     second = SearchIndex.build(features, ckpt, cache, model=m2, clip_config=CLIPS)
     assert not second.from_cache and counter.calls > 0
     assert not np.allclose(second.video, video1)
-    assert SearchIndex.build(features, ckpt, cache, model=m2, clip_config=CLIPS).from_cache
-
-    # another clip configuration, changed features, a damaged cache: all rebuild
-    other = ClipSetConfig(audio_frames=100)
-    assert not SearchIndex.build(features, ckpt, cache, model=m2, clip_config=other).from_cache
-    copy = tmp_path / "features"
-    shutil.copytree(features, copy)
-    assert SearchIndex.build(copy, ckpt, cache, model=m2).from_cache is False
-    assert SearchIndex.build(copy, ckpt, cache, model=m2).from_cache
-    record = copy / "text" / "shard-000001.json"
-    rec = json.loads(record.read_text())
-    rec["fingerprint"] = "re-extracted"
-    record.write_text(json.dumps(rec))
-    assert not SearchIndex.build(copy, ckpt, cache, model=m2).from_cache
-    (cache / "audio.npy").unlink()
-    assert not SearchIndex.build(copy, ckpt, cache, model=m2).from_cache
-    assert SearchIndex.build(copy, ckpt, cache, model=m2).from_cache
+    loaded = SearchIndex.load(cache, ckpt, clip_config=CLIPS, model=m2)
+    np.testing.assert_array_equal(loaded.video, second.video)  # the saved index is the new one
+    calls = counter.calls
+    assert not SearchIndex.build(features, ckpt, cache, model=m2, clip_config=CLIPS).from_cache
+    assert counter.calls > calls
 
 
-def test_search_text(features: Path, tmp_path: Path, extractor) -> None:
+def _damage_index_json(cache: Path, **changes: object) -> None:
+    meta = json.loads((cache / "index.json").read_text())
+    meta.update(changes)
+    (cache / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda c: (c / "audio.npy").unlink(), id="array-missing"),
+    pytest.param(lambda c: (c / "index.json").unlink(), id="index-json-missing"),
+    pytest.param(lambda c: (c / "index.json").write_text("{not json"), id="index-json-unreadable"),
+    pytest.param(lambda c: _damage_index_json(c, n_clips=3), id="n-clips-disagrees"),
+    pytest.param(lambda c: _damage_index_json(c, dim=7), id="dim-disagrees"),
+    pytest.param(lambda c: _damage_index_json(c, captions=["only one"]), id="clip-list-disagrees"),
+    pytest.param(lambda c: np.save(c / "video.npy", np.zeros((2, 32), np.float32)), id="array-shape"),
+    pytest.param(lambda c: np.save(c / "audio_mask.npy", np.load(c / "audio_mask.npy").astype(np.int8)),
+                 id="mask-not-bool"),
+    pytest.param(lambda c: (c / "video.npy").write_bytes(b"garbage"), id="array-unreadable"),
+])
+def test_load_refuses_a_damaged_index(features: FeatureSet, tmp_path: Path, damage) -> None:
+    model = tiny_model(0)
+    ckpt = save_model_checkpoint(tmp_path / "ckpt.pt", model)
+    cache = tmp_path / "cache"
+    SearchIndex.build(features, ckpt, cache, model=model, clip_config=CLIPS)
+    assert len(SearchIndex.load(cache, ckpt, clip_config=CLIPS)) > 10  # intact: loads
+    damage(cache)
+    with pytest.raises(ValueError, match="damaged"):
+        SearchIndex.load(cache, ckpt, clip_config=CLIPS)
+    # a rebuild repairs it
+    SearchIndex.build(features, ckpt, cache, model=model, clip_config=CLIPS)
+    assert SearchIndex.load(cache, ckpt, clip_config=CLIPS).from_cache
+
+
+def test_interrupted_build_leaves_no_index_that_loads(features: FeatureSet, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import evaluation.search as search_mod
+    from store import atomic
+
+    model = tiny_model(0)
+    ckpt = save_model_checkpoint(tmp_path / "ckpt.pt", model)
+    cache = tmp_path / "cache"
+    SearchIndex.build(features, ckpt, cache, model=model, clip_config=CLIPS)
+
+    opened: list[Path] = []
+
+    def killed_after_the_first_array(path, *args, **kwargs):  # the process dies while saving
+        opened.append(Path(path))
+        if len(opened) == 2:
+            raise KeyboardInterrupt
+        return atomic.atomic_open(path, *args, **kwargs)
+
+    fake = SimpleNamespace(atomic_open=killed_after_the_first_array, write_json=atomic.write_json)
+    monkeypatch.setattr(search_mod, "atomic", fake)
+    with pytest.raises(KeyboardInterrupt):
+        SearchIndex.build(features, ckpt, cache, model=tiny_model(5), clip_config=CLIPS)
+    assert not (cache / "index.json").exists()
+    with pytest.raises(ValueError, match="damaged"):
+        SearchIndex.load(cache, ckpt, clip_config=CLIPS)
+
+
+def test_load_without_a_saved_index(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="damaged"):
+        SearchIndex.load(tmp_path / "nothing", tmp_path / "ckpt.pt")
+
+
+def test_search_text(features: FeatureSet, tmp_path: Path, extractor) -> None:
     model = tiny_model(0)
     ckpt = save_model_checkpoint(tmp_path / "ckpt.pt", model)
     index = SearchIndex.build(features, ckpt, tmp_path / "cache", model=model, clip_config=CLIPS)

@@ -15,6 +15,8 @@ from evaluation.localization import ordered_step_assignment
 from evaluation.steps import audio_windows, localize, per_second_video
 from extractors import create
 from model.mcn import MCN, MCNConfig
+from store.layout import Workspace
+from store.reader import open_features
 from tests.model.conftest import D2, D3, DW, FIELDS, N_MELS, FakeVideo, l2rows, write_shard
 
 VOCAB = ["pour", "milk", "stir", "add", "sugar", "crack", "eggs", "fry", "alpha", "beta", "gamma"]
@@ -41,10 +43,11 @@ def extractor(tmp_path_factory: pytest.TempPathFactory):
     return create("word2vec", {"weights": str(path), "binary": False})
 
 
-def fake(key: str, rng: np.random.Generator, seconds: int, audio_frames: int | None) -> FakeVideo:
-    """A video of ``seconds`` 2D rows, 1.5 3D rows per second and ``audio_frames`` log-mel rows."""
+def fake(key: str, rng: np.random.Generator, seconds: int, audio_frames: int | None,
+         fps_3d: float = 1.5) -> FakeVideo:
+    """A video of ``seconds`` 2D rows, ``fps_3d`` 3D rows per second and ``audio_frames`` log-mel rows."""
     v2 = l2rows(np.abs(rng.standard_normal((seconds, D2))))
-    v3 = l2rows(np.abs(rng.standard_normal((int(seconds * 1.5), D3))))
+    v3 = l2rows(np.abs(rng.standard_normal((int(seconds * fps_3d), D3))))
     audio = None
     if audio_frames is not None:
         audio = (rng.standard_normal((audio_frames, N_MELS)) * 10 - 40).astype(np.float16)
@@ -74,28 +77,32 @@ def write_annotations(folder: Path, rows: dict[tuple[str, str], list[tuple[int, 
 # ------------------------------------------------------------------------- independent reference
 
 
-def ref_inputs(v: FakeVideo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per second: video (T, 32), audio windows (T, 40, 800), frames (T,), written from the definition:
-    3D rows i whose span [i/1.5, (i+1)/1.5) meets [t, t+1); audio frames [100t - 350, 100t + 450)."""
+def ref_inputs(v: FakeVideo, fps_3d: float = 1.5, audio_rate: float = 100.0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per second: video (T, 32), audio windows (T, 40, 8·rate), frames (T,), written from the
+    definition: 3D rows i whose span [i/fps, (i+1)/fps) meets [t, t+1); audio frames of the 8 s centred
+    on t + 0.5 (at 100/s: [100t - 350, 100t + 450))."""
     t_len = v.video2d.shape[0]
+    window = round(8 * audio_rate)
     video = np.zeros((t_len, D2 + D3), np.float32)
-    audio = np.zeros((t_len, N_MELS, 800), np.float32)
+    audio = np.zeros((t_len, N_MELS, window), np.float32)
     frames = np.zeros(t_len, np.int64)
     for t in range(t_len):
         x2 = v.video2d[t].astype(np.float32)
-        rows = [i for i in range(len(v.video3d)) if i / 1.5 < t + 1 and (i + 1) / 1.5 > t]
+        rows = [i for i in range(len(v.video3d)) if i / fps_3d < t + 1 and (i + 1) / fps_3d > t]
         x3 = v.video3d[rows].astype(np.float32).max(axis=0)
         video[t] = np.concatenate([x2 / np.linalg.norm(x2), x3 / np.linalg.norm(x3)])
         if v.audio is not None:
-            lo, hi = max(0, 100 * t - 350), min(len(v.audio), 100 * t + 450)
+            lo = max(0, round(audio_rate * (t + 0.5)) - window // 2)
+            hi = min(len(v.audio), round(audio_rate * (t + 0.5)) + window // 2)
             if hi > lo:
                 audio[t, :, : hi - lo] = v.audio[lo:hi].T
                 frames[t] = hi - lo
     return video, audio, frames
 
 
-def ref_scores(model: MCN, v: FakeVideo, step_words: np.ndarray) -> np.ndarray:
-    video, audio, frames = ref_inputs(v)
+def ref_scores(model: MCN, v: FakeVideo, step_words: np.ndarray, **rates: float) -> np.ndarray:
+    video, audio, frames = ref_inputs(v, **rates)
     ve = model.embed_video(torch.from_numpy(video)).numpy().astype(np.float64)
     te = model.embed_text(torch.from_numpy(step_words)).numpy().astype(np.float64)
     scores = ve @ te.T
@@ -106,11 +113,12 @@ def ref_scores(model: MCN, v: FakeVideo, step_words: np.ndarray) -> np.ndarray:
 
 
 def ref_predictions(model: MCN, v: FakeVideo, steps: tuple[str, ...], extractor,
-                    mining_youtube: bool) -> list[int]:
+                    mining_youtube: bool, **rates: float) -> list[int]:
     words, lengths = extractor(list(steps))
     known = lengths > 0
     pred = np.full(len(steps), -1)
-    pred[known] = ordered_step_assignment(ref_scores(model, v, words[known]), mining_youtube=mining_youtube)
+    pred[known] = ordered_step_assignment(ref_scores(model, v, words[known], **rates),
+                                          mining_youtube=mining_youtube)
     return pred.tolist()
 
 
@@ -145,6 +153,12 @@ def test_per_second_rows_and_audio_windows() -> None:
     for i, (lo, n) in enumerate([(0, 450), (0, 750), (150, 750), (550, 350), (0, 0)]):
         np.testing.assert_array_equal(windows[i, 7, :n], np.arange(lo, lo + n))
         assert not windows[i, :, n:].any()
+    # at 50 frames/s the 8 s window is 400 frames: t=3 → [0, 7.5 s) = frames [0, 375); t=9 → [275, 450)
+    windows, frames = audio_windows(mel[:450], np.array([3, 9]), window_s=8.0, rate=50.0)
+    assert windows.shape == (2, N_MELS, 400) and frames.tolist() == [375, 175]
+    np.testing.assert_array_equal(windows[0, 7, :375], np.arange(375))
+    np.testing.assert_array_equal(windows[1, 7, :175], np.arange(275, 450))
+    assert not windows[:, :, 375:].any() and not windows[1, :, 175:].any()
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +171,9 @@ def crosstask(tmp_path_factory: pytest.TempPathFactory):
     c, e = fake("vid-C", rng, 12, 500), fake("vid-E", rng, 10, 1000)
     c.status["text"], c.words, c.lengths, c.captions = "no_captions", None, None, []
     d = FakeVideo(key="vid-D", status={f: "failed" for f in FIELDS})
-    write_shard(root / "features", 0, [a, b, c])
-    write_shard(root / "features", 1, [d, e])
+    ws = Workspace(root / "ws")
+    write_shard(ws, 0, [a, b, c])
+    write_shard(ws, 1, [d, e])
     return root, {v.key: v for v in (a, b, c, d, e)}
 
 
@@ -190,7 +205,7 @@ def test_localize_matches_independent_computation(crosstask, extractor) -> None:
     ann = parse_crosstask_annotations(write_annotations(root / "annotations", rows), tasks=tasks.tasks)
     assert ann.problems == []
 
-    res = localize(model, root / "features", ann, extractor)
+    res = localize(model, open_features(Workspace(root / "ws")), ann, extractor)
     assert res["predictions"] == pred
     assert res["per_task"] == pytest.approx({"101": (2 / 3 + 1 / 2) / 2, "202": 2 / 3})
     assert res["recall"] == pytest.approx(((2 / 3 + 1 / 2) / 2 + 2 / 3) / 2)  # 0.625
@@ -203,13 +218,33 @@ def test_localize_matches_independent_computation(crosstask, extractor) -> None:
     assert "vid-E" not in problems
 
     # Mining YouTube: log-softmax over the (known) steps, recall averaged over videos
-    my = localize(model, root / "features", ann, extractor, mining_youtube=True)
+    my = localize(model, open_features(Workspace(root / "ws")), ann, extractor, mining_youtube=True)
     pred_my = {k: ref_predictions(model, videos[k], TASKS[task_of[k]], extractor, True) for k in pred}
     assert my["predictions"] == pred_my
     segs_of = {v: segs for (_, v), segs in rows.items()}
     expected = np.mean([ref_video_recall(pred_my[k], segs_of[k]) for k in pred])
     assert my["recall"] == pytest.approx(expected)
     assert list(my["per_task"]) == ["all"] and my["n_videos"] == 3
+
+
+def test_localize_takes_the_rates_from_the_done_records(tmp_path: Path, extractor) -> None:
+    """Features made at 3 rows/s (3D) and 50 frames/s (audio): localize reads the rates from the
+    records, so it must match the reference computed at those rates, not at 1.5 and 100."""
+    rng = np.random.default_rng(11)
+    v = fake("vid-R", rng, 16, 16 * 50, fps_3d=3.0)
+    ws = Workspace(tmp_path / "ws")
+    write_shard(ws, 0, [v], rates={"video3d": 3.0, "audio": 50.0})
+    features = open_features(ws)
+    assert (features.rate("video3d"), features.rate("audio")) == (3.0, 50.0)
+    torch.manual_seed(1)
+    model = MCN(tiny_config())
+    steps = TASKS["101"]
+    expected = ref_predictions(model, v, steps, extractor, False, fps_3d=3.0, audio_rate=50.0)
+    assert expected != ref_predictions(model, v, steps, extractor, False)  # the rates matter here
+    ann = StepAnnotations(segments={"vid-R": [(0, 1.0, 2.0)]}, task_of={"vid-R": "101"},
+                          task_steps={"101": steps})
+    res = localize(model, features, ann, extractor)
+    assert res["predictions"] == {"vid-R": expected} and res["problems"] == []
 
 
 def engineered_model() -> MCN:
@@ -237,7 +272,8 @@ def test_engineered_model_localizes_every_step(tmp_path: Path, extractor) -> Non
     for s, (a, b) in truth.items():
         base[a:b, s] = 3.0
     v.video2d = l2rows(base)
-    write_shard(tmp_path / "features", 0, [v])
+    ws = Workspace(tmp_path / "ws")
+    write_shard(ws, 0, [v])
     model = engineered_model()
     scores = ref_scores(model, v, extractor(["alpha", "beta", "gamma"])[0])
     assert scores[2, 0] > 0.9 and scores[2, 1] == pytest.approx(0.0, abs=1e-6)  # the engineering holds
@@ -246,7 +282,7 @@ def test_engineered_model_localizes_every_step(tmp_path: Path, extractor) -> Non
         task_of={"vid-X": "9"}, task_steps={"9": ("alpha", "beta", "gamma")},
     )
     for mining_youtube in (False, True):
-        res = localize(model, tmp_path / "features", ann, extractor, mining_youtube=mining_youtube)
+        res = localize(model, open_features(ws), ann, extractor, mining_youtube=mining_youtube)
         assert res["recall"] == 1.0 and res["n_videos"] == 1 and res["problems"] == []
         placed = res["predictions"]["vid-X"]
         assert [truth[s][0] <= p < truth[s][1] for s, p in enumerate(placed)] == [True] * 3
@@ -256,7 +292,7 @@ def test_no_video_found_and_task_without_steps(crosstask, extractor) -> None:
     root, _ = crosstask
     ann = StepAnnotations(segments={"nope": [(0, 1.0, 2.0)], "vid-A": [(0, 1.0, 2.0)]},
                           task_of={"nope": "101", "vid-A": "777"}, task_steps={"101": TASKS["101"]})
-    res = localize(MCN(tiny_config()), root / "features", ann, extractor)
+    res = localize(MCN(tiny_config()), open_features(Workspace(root / "ws")), ann, extractor)
     assert math.isnan(res["recall"]) and res["n_videos"] == 0
     assert (res["n_missing_features"], res["n_without_steps"]) == (1, 1)
     problems = "\n".join(res["problems"])

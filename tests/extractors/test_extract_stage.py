@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runner import field_status
 from pipeline.scan import scan
-from pipeline.shards import iter_shard, read_record
-from pipeline.stages import extract_stage, run_extract, shard_jobs
-from pipeline.workspace import FIELDS, Workspace
+from pipeline.stages import extract_states, run_extract, shard_jobs
+from store.fields import FIELDS
+from store.layout import Workspace
+from store.lineage import read_record
+from store.manifest import read_scan
+from store.reader import iter_samples as iter_shard
 
 pytestmark = pytest.mark.slow
 
@@ -144,9 +146,9 @@ def test_rerun_skips_and_text_change_redoes_only_text(extracted, videos):
     assert again.processed == {f: 0 for f in FIELDS} and again.skipped == {f: 3 for f in FIELDS}
     before = {f: ws.shard_tar(f, 0).read_bytes() for f in FIELDS}
     changed = load_config(None, overrides(tmp) + [f"extract.text.options={{weights: {tmp / 'w2v.bin'}, max_words: 3}}"])
-    stage = extract_stage(ws, changed)
-    status = {s.field: s for s in field_status(stage, ws, shard_jobs(ws))}
+    status = extract_states(ws, changed)
     assert status["text"].stale == 3 and status["video2d"].done == 3 and status["audio"].done == 3
+    assert status["text"].reasons == {"config changed": 3}
     redo = run_extract(ws, changed, progress=False)
     assert redo.processed == {"video2d": 0, "video3d": 0, "audio": 0, "text": 3}
     assert samples(ws, "text")["cfr"]["lengths.npy"].tolist() == [3, 3]
@@ -182,7 +184,8 @@ def test_sigkill_mid_extract_resumes_byte_identical(videos, tmp_path, cfr_mp4, s
         subprocess.run(_extract_cmd(ws.root, tmp_path, 1), check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         results[name] = {(f, j.index): ws.shard_tar(f, j.index).read_bytes() for f in FIELDS for j in shard_jobs(ws)}
-        assert not list(ws.root.rglob(".*.tmp-*"))
+        assert not list(ws.root.rglob(".*.tmp-*"))  # the killed writer's temporary files were swept
+        assert not list(ws.locks_dir.rglob("*.lock")) and not any(ws.scratch_root.iterdir())
     assert results["killed"].keys() == results["clean"].keys() and len(results["clean"]) == 12
     for key, data in results["clean"].items():
         assert results["killed"][key] == data, key
@@ -197,3 +200,32 @@ def test_cheap_describe_equals_the_built_extractors(extracted):
     assert not stage._extractors  # nothing was built to describe them
     for f in FIELDS:
         assert stage.extractor(f).describe() == cheap[f], f
+
+
+def test_video_replaced_in_place_is_redone_after_a_rescan(tmp_path, cfr_mp4, short_mp4):
+    """The extract fingerprint includes each file's size and mtime: a replaced file makes its shard stale."""
+    root = tmp_path / "v"
+    root.mkdir()
+    for name, src in (("a.mp4", cfr_mp4), ("b.mp4", short_mp4)):
+        (root / name).write_bytes(Path(src).read_bytes())  # real copies: their mtime is ours to change
+    ws = Workspace(tmp_path / "ws")
+    cfg = load_config(None, overrides(tmp_path, shard_size=1) + ["extract.fields=[video2d, audio]"])
+    scan(root, ws, cfg.scan, progress=False)
+    run_extract(ws, cfg, progress=False)
+    a_id = next(j.index for j in shard_jobs(ws) if j.records[0].path == "a.mp4")
+    b_id = 1 - a_id
+    before = {f: ws.shard_tar(f, b_id).read_bytes() for f in ("video2d", "audio")}
+    st = (root / "a.mp4").stat()
+    os.utime(root / "a.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # same bytes, new mtime
+    assert all(fs.complete for fs in extract_states(ws, cfg).values())  # nothing knows before a re-scan
+    result = scan(root, ws, cfg.scan, progress=False)
+    assert not result.up_to_date and result.n_probed == 1
+    states = extract_states(ws, cfg)
+    assert {f: (s.done, s.stale) for f, s in states.items()} == {"video2d": (1, 1), "audio": (1, 1)}
+    assert states["video2d"].reasons == {"videos changed": 1}
+    redo = run_extract(ws, cfg, progress=False)
+    assert redo.processed == {"video2d": 1, "audio": 1}
+    plan = {p.index: p for p in read_scan(ws).shards}
+    assert read_record(ws.shard_record("video2d", a_id))["lineage"]["inputs"]["videos"] == plan[a_id].videos
+    for f in ("video2d", "audio"):
+        assert ws.shard_tar(f, b_id).read_bytes() == before[f]

@@ -27,7 +27,8 @@ from extractors import (
     resolve_weights,
     windows_from_frames,
 )
-from extractors.weights import checkpoint_dir, file_sha256, seeded
+from extractors.weights import checkpoint_dir, seeded
+from store.lineage import sha256_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HARA_KEYS = FIXTURES / "hara_resnext101_kinetics_keys.json"
@@ -135,7 +136,7 @@ def test_weights_found_in_torch_home_and_explicit(tmp_path: Path) -> None:
     assert resolve_weights(str(tmp_path), "w.pth", allow_random=False).path == other  # folder holding it
     # the identity cache follows file changes (size/mtime)
     other.write_bytes(b"changed again, longer")
-    assert file_sha256(other) == hashlib.sha256(b"changed again, longer").hexdigest()
+    assert sha256_file(other) == hashlib.sha256(b"changed again, longer").hexdigest()
 
 
 def test_seeded_is_deterministic_and_restores_global_rng() -> None:

@@ -1,4 +1,6 @@
-"""Fixtures: tiny feature shards in the docs/formats.md layout, written with webdataset's TarWriter.
+"""Fixtures: tiny feature shards in the docs/formats.md layout, written with the real shard writer
+(:class:`store.shards.ShardWriter`) under ``<tmp>/ws/features`` and handed to tests as a
+:class:`store.layout.Workspace` or its :class:`store.reader.FeatureSet`.
 
 Dims are tiny (2D 16, 3D 16 → video 32; 40 mels; words 8-d) so tests run in seconds on 2 cores.
 """
@@ -6,7 +8,6 @@ Dims are tiny (2D 16, 3D 16 → video 32; 40 mels; words 8-d) so tests run in se
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -14,16 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
+
+from store.fields import FIELDS
+from store.layout import Workspace
+from store.lineage import Lineage
+from store.reader import FeatureSet, open_features
+from store.shards import ShardWriter, encode_json, encode_npy
 
 D2, D3, DW, N_MELS, MAX_WORDS = 16, 16, 8, 40, 20
-FIELDS = ("video2d", "video3d", "audio", "text")
-
-
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
 
 
 @dataclass
@@ -84,57 +83,71 @@ def random_video(key: str, rng: np.random.Generator, duration: float = 30.0, n_c
     )
 
 
-def _meta(v: FakeVideo, f: str) -> dict:
+RATES: dict[str, float | None] = {"video2d": 1.0, "video3d": 1.5, "audio": 100.0, "text": None}
+DIMS: dict[str, int] = {"video2d": D2, "video3d": D3, "audio": N_MELS, "text": DW}
+LINEAGE = Lineage(config="test", code="test", inputs={})
+GARBAGE_NPY = b"\x93NUMPY garbage" + b"\x00" * 40
+
+
+def extractor_meta(f: str, rate: float | None = None) -> dict:
+    """The done record's ``extractor`` of the fake extractor of field ``f`` (``rate``: another rate)."""
+    return {"extractor": "fake", "version": "0", "weights": None, "random_weights": True,
+            "rate": RATES[f] if rate is None else rate, "dim": DIMS[f]}
+
+
+def field_writer(ws: Workspace, f: str, index: int, rate: float | None = None) -> ShardWriter:
+    """The real shard writer of field ``f`` of shard ``index`` with the fake extractor's record."""
+    return ShardWriter(ws, f, index, LINEAGE, extractor_meta(f, rate), dtype="float16")
+
+
+def sample_meta(v: FakeVideo, f: str, rate: float | None) -> dict:
+    """The ``json`` member of one sample, as the extract stage writes it (``rate``: another rate)."""
     status = v.status[f]
     arr = {"video2d": v.video2d, "video3d": v.video3d, "audio": v.audio, "text": v.words}[f]
     meta = {
         "id": v.key, "field": f, "status": status, "error": "boom" if status == "failed" else None,
-        "extractor": "fake", "version": "0", "weights": None, "random_weights": True,
-        "rate": {"video2d": 1.0, "video3d": 1.5, "audio": 100.0, "text": None}[f],
-        "dim": None if arr is None else int(arr.shape[-1]), "dtype": "float16",
-        "shape": None if (arr is None or status != "ok") else list(arr.shape), "duration": v.duration,
+        **extractor_meta(f, rate),
+        "dtype": "float16", "shape": None if (arr is None or status != "ok") else list(arr.shape),
+        "duration": v.duration,
     }
     if f == "text" and status == "ok":
         meta["captions"] = v.captions
     return meta
 
 
-def write_shard(root: Path, index: int, videos: list[FakeVideo],
-                drop: dict[str, set[str]] | None = None) -> None:
-    """Write the four field tars + done records of one shard (``drop``: field → keys left out)."""
-    drop = drop or {}
+def write_shard(ws: Workspace, index: int, videos: list[FakeVideo],
+                drop: dict[str, set[str]] | None = None, rates: dict[str, float] | None = None) -> None:
+    """Write the four field tars + done records of one shard with :class:`store.shards.ShardWriter`
+    (``drop``: field → keys left out; ``rates``: field → a rate other than :data:`RATES`)."""
+    drop, rates = drop or {}, rates or {}
     for f in FIELDS:
-        d = root / f
-        d.mkdir(parents=True, exist_ok=True)
-        tar = d / f"shard-{index:06d}.tar"
-        with wds.TarWriter(str(tar)) as w:
-            for v in videos:
-                if v.key in drop.get(f, set()):
-                    continue
-                sample: dict = {"__key__": v.key, "json": json.dumps(_meta(v, f)).encode()}
-                if v.status[f] == "ok":
-                    if f == "text":
-                        sample["words.npy"] = npy(v.words)
-                        sample["lengths.npy"] = npy(v.lengths)
-                    else:
-                        sample["feat.npy"] = npy(getattr(v, f))
-                for member in list(sample):
-                    if v.corrupt.get(f) == member:
-                        sample[member] = b"\x93NUMPY garbage" + b"\x00" * 40
-                w.write(sample)
-        write_done_record(tar, index, f, videos)
+        writer = field_writer(ws, f, index, rates.get(f))
+        for v in videos:
+            if v.key in drop.get(f, set()):
+                continue
+            meta = sample_meta(v, f, rates.get(f))
+            members: dict[str, bytes] = {"json": encode_json(meta)}
+            if v.status[f] == "ok":
+                if f == "text":
+                    members["words.npy"] = encode_npy(v.words)
+                    members["lengths.npy"] = encode_npy(v.lengths)
+                else:
+                    members["feat.npy"] = encode_npy(getattr(v, f))
+            for member in members:
+                if v.corrupt.get(f) == member:
+                    members[member] = GARBAGE_NPY
+            writer.add(v.key, members, v.status[f], meta["error"])
+        writer.commit()
 
 
-def write_done_record(tar: Path, index: int, f: str, videos: list[FakeVideo]) -> None:
+def match_record_to_tar(ws: Workspace, f: str, index: int) -> None:
+    """Rewrite the done record of a tar changed after its commit so that its ``bytes`` and ``sha256``
+    describe the changed tar (the damage is then only seen when reading it)."""
+    tar, path = ws.shard_tar(f, index), ws.shard_record(f, index)
     data = tar.read_bytes()
-    rec = {
-        "shard": index, "field": f, "fingerprint": "test", "n_videos": len(videos),
-        "n_ok": sum(v.status[f] == "ok" for v in videos),
-        "n_failed": sum(v.status[f] == "failed" for v in videos),
-        "videos": [{"id": v.key, "status": v.status[f], "error": None} for v in videos],
-        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "created": "2024-01-01T00:00:00Z",
-    }
-    tar.with_suffix(".json").write_text(json.dumps(rec))
+    rec = json.loads(path.read_text())
+    rec["bytes"], rec["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    path.write_text(json.dumps(rec))
 
 
 def corrupt_tar_middle(tar: Path) -> None:
@@ -147,14 +160,15 @@ def corrupt_tar_middle(tar: Path) -> None:
     tar.write_bytes(bytes(data))
 
 
-def make_features(root: Path, *, n_shards: int = 3, per_shard: int = 4, seed: int = 0,
+def make_features(ws: Workspace, *, n_shards: int = 3, per_shard: int = 4, seed: int = 0,
                   specials: bool = True, duration: float = 30.0,
                   structured: bool = False) -> dict[str, list[str]]:
-    """Write ``n_shards`` shards of ``per_shard`` videos under ``root`` (= WS/features).
+    """Write ``n_shards`` shards of ``per_shard`` videos under ``ws.features_dir``.
 
     With ``specials``: shard 0 holds one no_audio video, one no_captions video and one video that
     failed in every field; shard 1 one video with a corrupted video3d npy; an extra last shard whose
-    audio tar is corrupted in the middle. Returns the keys by kind ("ok", "no_audio", ...).
+    audio tar is corrupted in the middle (its record rewritten to match, so only reading finds it).
+    Returns the keys by kind ("ok", "no_audio", ...).
     """
     rng = np.random.default_rng(seed)
     kinds: dict[str, list[str]] = {"ok": [], "no_audio": [], "no_captions": [], "failed": [], "corrupt": [],
@@ -177,29 +191,28 @@ def make_features(root: Path, *, n_shards: int = 3, per_shard: int = 4, seed: in
                 v.corrupt["video3d"], kind = "feat.npy", "corrupt"
             kinds[kind].append(v.key)
             videos.append(v)
-        write_shard(root, s, videos)
+        write_shard(ws, s, videos)
     if specials:
         s = n_shards
         videos = [random_video(f"vid-{s:02d}-{i:02d}", rng, duration=duration) for i in range(per_shard)]
-        write_shard(root, s, videos)
-        tar = root / "audio" / f"shard-{s:06d}.tar"
-        corrupt_tar_middle(tar)
-        write_done_record(tar, s, "audio", videos)
+        write_shard(ws, s, videos)
+        corrupt_tar_middle(ws.shard_tar("audio", s))
+        match_record_to_tar(ws, "audio", s)
         kinds["corrupt_shard"] = [v.key for v in videos]
     return kinds
 
 
 @pytest.fixture(scope="session")
-def feature_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    """WS/features with 3 regular shards of 4 videos + one corrupted shard (see make_features)."""
-    root = tmp_path_factory.mktemp("ws") / "features"
-    kinds = make_features(root)
-    return root, kinds
+def feature_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureSet, dict[str, list[str]]]:
+    """3 regular shards of 4 videos + one corrupted shard (see make_features) under <tmp>/ws/features."""
+    ws = Workspace(tmp_path_factory.mktemp("fixture") / "ws")
+    kinds = make_features(ws)
+    return open_features(ws), kinds
 
 
 @pytest.fixture(scope="session")
-def train_feature_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """WS/features of 4 shards × 4 ordinary, learnable (structured) videos for training tests."""
-    root = tmp_path_factory.mktemp("ws_train") / "features"
-    make_features(root, n_shards=4, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
-    return root
+def train_features(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    """4 shards × 4 ordinary, learnable (structured) videos for training tests."""
+    ws = Workspace(tmp_path_factory.mktemp("fixture_train") / "ws")
+    make_features(ws, n_shards=4, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
+    return open_features(ws)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,17 @@ import pytest
 import torch
 
 from model.data import (
-    DataConfig, VideoFeatures, add_counts, batches_per_epoch, build_clips, clip_rng, crop_audio, empty_counts,
-    list_shards, make_loader, merge_span, merge_words, pool_video, shard_sequence,
+    DataConfig, Rates, VideoFeatures, add_counts, batches_per_epoch, build_clips, clip_rng, crop_audio,
+    decode_video, empty_counts, make_loader, merge_span, merge_words, pool_video, shard_sequence,
 )
+from store.fields import FIELDS
+from store.layout import Workspace
+from store.reader import FeatureSet, open_features, zip_shard
+from store.shards import encode_json, encode_npy
 
-from .conftest import D2, D3, DW, N_MELS, FakeVideo, random_video, write_done_record, write_shard
+from .conftest import D2, D3, DW, N_MELS, FakeVideo, field_writer, random_video, sample_meta, write_shard
+
+RATES = Rates(video2d=1.0, video3d=1.5, audio=100.0)
 
 STARTS = np.array([0.0, 3.0, 5.0, 12.0, 20.0])
 ENDS = np.array([2.0, 4.0, 9.0, 15.0, 30.0])
@@ -103,10 +108,12 @@ def _hand_video() -> VideoFeatures:
     )
 
 
-def test_build_clips_matches_naive_computation() -> None:
+@pytest.mark.parametrize("rates", [RATES, Rates(video2d=0.5, video3d=1.0, audio=50.0)])
+def test_build_clips_matches_naive_computation(rates: Rates) -> None:
+    """The rows taken follow the rates given (the done records'), not constants of the code."""
     v = _hand_video()
     cfg = DataConfig(n_pair=12, min_time=10.0, audio_frames=600, max_words=20)
-    c = build_clips(v, cfg, np.random.default_rng(0))
+    c = build_clips(v, cfg, rates, np.random.default_rng(0))
     assert c["video"].shape == (12, D2 + D3) and c["audio"].shape == (12, N_MELS, 600)
     assert c["text"].shape == (12, 20, DW) and c["audio_mask"].all()
     spans = {(0.0, 15.0), (5.0, 15.0), (20.0, 30.0), (3.0, 15.0)}
@@ -115,14 +122,14 @@ def test_build_clips_matches_naive_computation() -> None:
         assert (s, e) in spans and e - s >= 10.0
         first, last = int(np.searchsorted(STARTS, s)), int(np.searchsorted(ENDS, e))
         # naive pooled video
-        for off, rows, fps in ((0, v.video2d, 1.0), (D2, v.video3d, 1.5)):
+        for off, rows, fps in ((0, v.video2d, rates.video2d), (D2, v.video3d, rates.video3d)):
             idx = [i for i in range(len(rows)) if int(s * fps) <= i <= int(e * fps)]
             ref = np.max(rows[idx].astype(np.float32), axis=0)
             got = c["video"][p, off:off + rows.shape[1]]
             np.testing.assert_allclose(got, ref / np.linalg.norm(ref), rtol=1e-6)
-        # audio frames [s, e] at 100/s, cropped to 600
-        a0 = int(s * 100)
-        n = min(int(e * 100) - a0, 600)
+        # audio frames [s, e] at the audio rate, cropped to 600
+        a0 = int(s * rates.audio)
+        n = min(int(e * rates.audio) - a0, 600)
         assert c["nframes"][p] == n
         np.testing.assert_array_equal(c["audio"][p, :, :n], v.audio[a0:a0 + n].T)
         # words of captions first..last, in order
@@ -136,8 +143,8 @@ def test_build_clips_no_audio_and_rng_determinism() -> None:
     v = _hand_video()
     v.audio = None
     cfg = DataConfig(n_pair=5, audio_frames=100)
-    a = build_clips(v, cfg, clip_rng(1, 2, 0, "hand"))
-    b = build_clips(v, cfg, clip_rng(1, 2, 0, "hand"))
+    a = build_clips(v, cfg, RATES, clip_rng(1, 2, 0, "hand"))
+    b = build_clips(v, cfg, RATES, clip_rng(1, 2, 0, "hand"))
     assert not a["audio_mask"].any() and not a["audio"].any() and not a["nframes"].any()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -156,39 +163,85 @@ def test_shard_sequence_partitions_each_cycle() -> None:
 # ------------------------------------------------------------------------------------------------ shards
 
 
-def _epoch(root: Path, *, n_batches: int, batch_size: int = 2, workers: int = 0, skip: int = 0, rank: int = 0,
-           world: int = 1, epoch: int = 0, **kw) -> list[dict]:
+def _epoch(features: FeatureSet, *, n_batches: int, batch_size: int = 2, workers: int = 0, skip: int = 0,
+           rank: int = 0, world: int = 1, epoch: int = 0, **kw) -> list[dict]:
     kw.setdefault("shuffle_buffer", 3)
     cfg = DataConfig(n_pair=3, audio_frames=120, num_workers=workers, **kw)
-    loader = make_loader(cfg, list_shards(root), batch_size=batch_size, epoch=epoch, n_batches=n_batches,
+    loader = make_loader(cfg, features, batch_size=batch_size, epoch=epoch, n_batches=n_batches,
                          rank=rank, world_size=world, skip_batches=skip, n_mels=N_MELS)
     return list(loader)
 
 
-def test_list_shards_uses_done_records(feature_dir) -> None:
-    root, _ = feature_dir
-    shards = list_shards(root)
+def test_open_features_uses_done_records(feature_set) -> None:
+    features, kinds = feature_set
+    shards = features.shards
     assert [s.index for s in shards] == [0, 1, 2, 3]
+    assert features.problems == []
     # shard 0: ok, no_audio usable; no_captions and failed not. Corruption is only seen when reading.
     assert [s.n_usable for s in shards] == [2, 4, 4, 4]
+    assert features.n_usable == 14
+    assert shards[0].order == ["vid-00-00", *kinds["no_audio"], *kinds["no_captions"], *kinds["failed"]]
+    assert shards[2].paths == {f: features.ws.shard_tar(f, 2) for f in FIELDS}
     assert batches_per_epoch(shards, 2, 1, DataConfig()) == 7
     assert batches_per_epoch(shards, 4, 2, DataConfig()) == 1
+    # the rates and dims of the streams are the done records' (the fake extractor's)
+    assert features.rates == {"video2d": 1.0, "video3d": 1.5, "audio": 100.0, "text": None}
+    assert features.dims == {"video2d": D2, "video3d": D3, "audio": N_MELS, "text": DW}
+    assert Rates.of(features) == Rates(video2d=1.0, video3d=1.5, audio=100.0)
 
 
-def test_list_shards_skips_incomplete_and_resized(tmp_path: Path) -> None:
+def test_open_features_skips_incomplete_and_resized(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    write_shard(tmp_path, 0, [random_video("a", rng)])
-    write_shard(tmp_path, 1, [random_video("b", rng)])
-    write_shard(tmp_path, 2, [random_video("c", rng)])
-    (tmp_path / "text" / "shard-000001.json").unlink()  # text of shard 1 not done
-    with open(tmp_path / "audio" / "shard-000002.tar", "ab") as f:  # size differs from the record
+    ws = Workspace(tmp_path / "ws")
+    write_shard(ws, 0, [random_video("a", rng)])
+    write_shard(ws, 1, [random_video("b", rng)])
+    write_shard(ws, 2, [random_video("c", rng)])
+    ws.shard_record("text", 1).unlink()  # text of shard 1 not done
+    with open(ws.shard_tar("audio", 2), "ab") as f:  # size differs from the record
         f.write(b"\0" * 512)
-    assert [s.index for s in list_shards(tmp_path)] == [0]
+    features = open_features(ws)
+    assert [s.index for s in features.shards] == [0]
+    assert len(features.problems) == 2
+    assert "shard 000001" in features.problems[0] and "text" in features.problems[0]
+    assert "shard 000002" in features.problems[1] and "audio" in features.problems[1]
+    assert [s.index for s in open_features(ws, check_sizes=False).shards] == [0, 2]
 
 
-def test_reader_skips_and_counts(feature_dir) -> None:
-    root, kinds = feature_dir
-    batches = _epoch(root, n_batches=12)
+def test_rates_come_from_the_done_records(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    ws = Workspace(tmp_path / "ws")
+    other = {"video2d": 2.0, "video3d": 3.0, "audio": 50.0}
+    write_shard(ws, 0, [random_video("a", rng)], rates=other)
+    assert Rates.of(open_features(ws)) == Rates(**other)
+    # another extractor (rate) for one field in a second shard: the features cannot be mixed
+    write_shard(ws, 1, [random_video("b", rng)], rates={**other, "video3d": 1.5})
+    with pytest.raises(ValueError, match="video3d"):
+        open_features(ws)
+
+
+def test_sample_stating_another_rate_than_its_record_is_corrupted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    ws = Workspace(tmp_path / "ws")
+    videos = [random_video(k, rng) for k in ("a", "liar", "b")]
+    write_shard(ws, 0, videos)
+    w = field_writer(ws, "video3d", 0)  # rewritten: "liar" says 3 rows/s, the record 1.5
+    for v in videos:
+        meta = sample_meta(v, "video3d", 3.0 if v.key == "liar" else None)
+        w.add(v.key, {"json": encode_json(meta), "feat.npy": encode_npy(v.video3d)})
+    w.commit()
+    features = open_features(ws)
+    counts = empty_counts()
+    decoded = [decode_video(raw, counts, Rates.of(features)) for raw in zip_shard(features.shards[0], counts)]
+    assert [v.key for v in decoded if v is not None] == ["a", "b"]
+    assert decoded[1] is None and counts["corrupted_samples"] == 1
+    counts = empty_counts()  # without rates to check against, the sample is read
+    decoded = [decode_video(raw, counts) for raw in zip_shard(features.shards[0], counts)]
+    assert [v.key for v in decoded] == ["a", "liar", "b"]
+
+
+def test_reader_skips_and_counts(feature_set) -> None:
+    features, kinds = feature_set
+    batches = _epoch(features, n_batches=12)
     counts = empty_counts()
     keys: list[str] = []
     for b in batches:
@@ -217,43 +270,44 @@ def test_reader_skips_and_counts(feature_dir) -> None:
     assert counts["key_mismatch"] == 0
 
 
-def test_reader_is_deterministic_and_resume_skips_exactly(feature_dir) -> None:
-    root, _ = feature_dir
-    full = _epoch(root, n_batches=7)
-    again = _epoch(root, n_batches=7)
+def test_reader_is_deterministic_and_resume_skips_exactly(feature_set) -> None:
+    features, _ = feature_set
+    full = _epoch(features, n_batches=7)
+    again = _epoch(features, n_batches=7)
     assert [b["keys"] for b in full] == [b["keys"] for b in again]
     for a, b in zip(full, again):
         for k in ("video", "audio", "text", "nframes", "text_len"):
             assert torch.equal(a[k], b[k])
-    resumed = _epoch(root, n_batches=7, skip=3)
+    resumed = _epoch(features, n_batches=7, skip=3)
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:]]
     assert all(torch.equal(a["video"], b["video"]) for a, b in zip(resumed, full[3:]))
-    other_epoch = _epoch(root, n_batches=7, epoch=1)
+    other_epoch = _epoch(features, n_batches=7, epoch=1)
     assert [b["keys"] for b in other_epoch] != [b["keys"] for b in full]
 
 
-def test_resume_skip_with_workers_keeps_round_robin(feature_dir) -> None:
-    root, _ = feature_dir
-    full = _epoch(root, n_batches=7, workers=2)
-    resumed = _epoch(root, n_batches=7, workers=2, skip=3)
+def test_resume_skip_with_workers_keeps_round_robin(feature_set) -> None:
+    features, _ = feature_set
+    full = _epoch(features, n_batches=7, workers=2)
+    resumed = _epoch(features, n_batches=7, workers=2, skip=3)
     assert len(full) == 7 and len(resumed) == 4
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:]]
     assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, full[3:]))
 
 
-def test_ranks_read_different_shards(feature_dir) -> None:
-    root, _ = feature_dir
+def test_ranks_read_different_shards(feature_set) -> None:
+    features, _ = feature_set
     # first video of each rank: from its first shard, G[0] and G[1] of the same permutation
-    r0 = _epoch(root, n_batches=1, batch_size=1, rank=0, world=2, shuffle_buffer=0)[0]["keys"][0]
-    r1 = _epoch(root, n_batches=1, batch_size=1, rank=1, world=2, shuffle_buffer=0)[0]["keys"][0]
+    r0 = _epoch(features, n_batches=1, batch_size=1, rank=0, world=2, shuffle_buffer=0)[0]["keys"][0]
+    r1 = _epoch(features, n_batches=1, batch_size=1, rank=1, world=2, shuffle_buffer=0)[0]["keys"][0]
     assert r0[:6] != r1[:6]  # "vid-SS": different shards
 
 
 def test_key_mismatch_is_skipped_and_counted(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
+    ws = Workspace(tmp_path / "ws")
     videos = [random_video(f"k{i}", rng) for i in range(4)]
-    write_shard(tmp_path, 0, videos, drop={"text": {"k1"}})
-    batches = _epoch(tmp_path, n_batches=3, batch_size=1, shuffle_buffer=0)
+    write_shard(ws, 0, videos, drop={"text": {"k1"}})
+    batches = _epoch(open_features(ws), n_batches=3, batch_size=1, shuffle_buffer=0)
     counts = empty_counts()
     for b in batches:
         add_counts(counts, b["counts"])
@@ -261,26 +315,36 @@ def test_key_mismatch_is_skipped_and_counted(tmp_path: Path) -> None:
     assert counts["key_mismatch"] == 3  # one per field holding k1: video2d, video3d, audio
 
 
-def test_pickled_npy_is_rejected_not_loaded(tmp_path: Path) -> None:
-    rng = np.random.default_rng(6)
-    good, evil = random_video("good", rng), random_video("evil", rng)
-    write_shard(tmp_path, 0, [evil, good])
-    # replace evil's video2d feat.npy with an object array (needs pickle to load)
-    import webdataset as wds
-
-    tar = tmp_path / "video2d" / "shard-000000.tar"
+def _pickled() -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    with wds.TarWriter(str(tar)) as w:
-        for v, feat in ((evil, buf.getvalue()), (good, None)):
-            meta = {"id": v.key, "field": "video2d", "status": "ok", "error": None}
-            if feat is None:
-                b2 = io.BytesIO()
-                np.save(b2, v.video2d)
-                feat = b2.getvalue()
-            w.write({"__key__": v.key, "json": json.dumps(meta).encode(), "feat.npy": feat})
-    write_done_record(tar, 0, "video2d", [evil, good])
-    batches = _epoch(tmp_path, n_batches=2, batch_size=1)
+    return buf.getvalue()
+
+
+def _header_bomb() -> bytes:
+    """A valid npy header declaring 2 GB of float16 rows, followed by 64 bytes."""
+    buf = io.BytesIO()
+    header = {"descr": "<f2", "fortran_order": False, "shape": (10**6, 1024)}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + b"\0" * 64
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(_pickled, id="pickled-object-array"),
+    pytest.param(_header_bomb, id="header-declares-more-bytes"),
+    pytest.param(lambda: encode_npy(np.ones((30, D2), np.float16))[:-10], id="truncated"),
+])
+def test_unsafe_npy_is_rejected_not_loaded(tmp_path: Path, bad) -> None:
+    rng = np.random.default_rng(6)
+    ws = Workspace(tmp_path / "ws")
+    good, evil = random_video("good", rng), random_video("evil", rng)
+    write_shard(ws, 0, [evil, good])
+    # rewrite the video2d field: evil's feat.npy replaced by the bad member
+    w = field_writer(ws, "video2d", 0)
+    for v, feat in ((evil, bad()), (good, encode_npy(good.video2d))):
+        w.add(v.key, {"json": encode_json(sample_meta(v, "video2d", None)), "feat.npy": feat})
+    w.commit()
+    batches = _epoch(open_features(ws), n_batches=2, batch_size=1)
     counts = empty_counts()
     for b in batches:
         add_counts(counts, b["counts"])
@@ -289,7 +353,8 @@ def test_pickled_npy_is_rejected_not_loaded(tmp_path: Path) -> None:
 
 
 def test_no_usable_video_is_an_error(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
     v = FakeVideo(key="x", status={f: "failed" for f in ("video2d", "video3d", "audio", "text")})
-    write_shard(tmp_path, 0, [v])
+    write_shard(ws, 0, [v])
     with pytest.raises(ValueError, match="usable"):
-        _epoch(tmp_path, n_batches=1)
+        _epoch(open_features(ws), n_batches=1)

@@ -18,6 +18,8 @@ from model.kmeans import KMeansConfig
 from model.losses import LossConfig
 from model.mcn import MCNConfig
 from model.train import LOSS_PARTS, TrainConfig, Trainer, TrainingDiverged, cosine_with_warmup, train
+from store.layout import Workspace, find_checkpoints
+from store.reader import FeatureSet, open_features
 
 from .conftest import D2, D3, DW, N_MELS
 
@@ -50,17 +52,24 @@ def test_cosine_with_warmup() -> None:
     assert cosine_with_warmup(0, 10)(0) == 1.0
 
 
+def test_no_complete_shard_is_an_error(tmp_path: Path) -> None:
+    features = open_features(Workspace(tmp_path / "ws"))  # an empty workspace
+    with pytest.raises(FileNotFoundError, match="no complete feature shards"):
+        train(tiny_config(), features, tmp_path / "run")
+
+
 def test_config_round_trip() -> None:
     cfg = tiny_config()
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 @pytest.mark.slow
-def test_end_to_end_loss_goes_down(train_feature_dir: Path, tmp_path: Path) -> None:
+def test_end_to_end_loss_goes_down(train_features: FeatureSet, tmp_path: Path) -> None:
     # recon weight 1 (not 50) so that the contrastive part visibly learns within 24 steps
     cfg = tiny_config(epochs=6, lr=1e-2, log_every=2, tensorboard=True, loss=LossConfig(recon_weight=1.0))
-    res = train(cfg, train_feature_dir, tmp_path / "run")
+    res = train(cfg, train_features, tmp_path / "run")
     assert res.step == 24 and res.epoch == 6
+    assert (res.total_steps, res.limit, res.trained) == (24, 24, True)  # 6 epochs × 4 batches
     log = read_log(tmp_path / "run")
     assert sorted(log) == list(range(2, 25, 2))
     for r in log.values():
@@ -76,13 +85,13 @@ def test_end_to_end_loss_goes_down(train_feature_dir: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_resume_reproduces_uninterrupted_run(train_feature_dir: Path, tmp_path: Path) -> None:
+def test_resume_reproduces_uninterrupted_run(train_features: FeatureSet, tmp_path: Path) -> None:
     data = DataConfig(n_pair=4, audio_frames=64, num_workers=2, shuffle_buffer=4, batches_per_epoch=4)
-    full = train(tiny_config(max_steps=6, data=data), train_feature_dir, tmp_path / "a")
-    part = train(tiny_config(max_steps=3, data=data), train_feature_dir, tmp_path / "b")
-    assert part.step == 3
-    rest = train(tiny_config(max_steps=6, data=data), train_feature_dir, tmp_path / "b", resume="latest")
-    assert full.step == rest.step == 6
+    full = train(tiny_config(max_steps=6, data=data), train_features, tmp_path / "a")
+    part = train(tiny_config(max_steps=3, data=data), train_features, tmp_path / "b")
+    assert part.step == 3 and (part.total_steps, part.limit) == (16, 3)  # 4 epochs × 4 batches
+    rest = train(tiny_config(max_steps=6, data=data), train_features, tmp_path / "b", resume="latest")
+    assert full.step == rest.step == 6 and rest.limit == 6 and rest.trained
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:  # step 3 → 4 crosses the mid-epoch resume, 4 → 5 an epoch boundary (k-means re-init)
@@ -94,11 +103,12 @@ def test_resume_reproduces_uninterrupted_run(train_feature_dir: Path, tmp_path: 
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoints_keep_last_and_contents(train_feature_dir: Path, tmp_path: Path) -> None:
+def test_checkpoints_keep_last_and_contents(train_features: FeatureSet, tmp_path: Path) -> None:
     cfg = tiny_config(max_steps=5, checkpoint_every=1, keep_last=2)
-    res = train(cfg, train_feature_dir, tmp_path / "run")
+    res = train(cfg, train_features, tmp_path / "run")
     ckdir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckdir.glob("step-*.pt")) == ["step-000004.pt", "step-000005.pt"]
+    assert find_checkpoints(ckdir) == [(4, ckdir / "step-000004.pt"), (5, ckdir / "step-000005.pt")]
     assert (ckdir / "latest").read_text().strip() == "step-000005.pt"
     assert not [p for p in ckdir.iterdir() if p.name.endswith(".tmp")]
     state = load_checkpoint(res.checkpoint)  # weights_only=True
@@ -112,10 +122,10 @@ def test_checkpoints_keep_last_and_contents(train_feature_dir: Path, tmp_path: P
     torch.testing.assert_close(model.state_dict()["GU_video.fc.weight"], state["model"]["GU_video.fc.weight"])
 
 
-def test_init_from_loads_weights(train_feature_dir: Path, tmp_path: Path) -> None:
-    src = train(tiny_config(max_steps=2), train_feature_dir, tmp_path / "src")
+def test_init_from_loads_weights(train_features: FeatureSet, tmp_path: Path) -> None:
+    src = train(tiny_config(max_steps=2), train_features, tmp_path / "src")
     # warmup 2: the first step has lr 0, so after one step the weights are still the initial ones
-    res = train(tiny_config(max_steps=1, seed=7), train_feature_dir, tmp_path / "dst",
+    res = train(tiny_config(max_steps=1, seed=7), train_features, tmp_path / "dst",
                 init_from=str(src.checkpoint))
     a = load_checkpoint(src.checkpoint)["model"]
     b = load_checkpoint(res.checkpoint)["model"]
@@ -123,7 +133,7 @@ def test_init_from_loads_weights(train_feature_dir: Path, tmp_path: Path) -> Non
     torch.testing.assert_close(a["DAVEnet.conv1.weight"], b["DAVEnet.conv1.weight"])
 
 
-def test_nan_raises_and_keeps_last_good_checkpoint(train_feature_dir: Path, tmp_path: Path,
+def test_nan_raises_and_keeps_last_good_checkpoint(train_features: FeatureSet, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     real = train_mod.mcn_losses
     calls = {"n": 0}
@@ -140,7 +150,7 @@ def test_nan_raises_and_keeps_last_good_checkpoint(train_feature_dir: Path, tmp_
     monkeypatch.setattr(train_mod, "mcn_losses", poisoned)
     cfg = tiny_config(max_steps=8, checkpoint_every=2)
     with pytest.raises(TrainingDiverged, match=r"step 5.*mms_tv") as info:
-        train(cfg, train_feature_dir, tmp_path / "run")
+        train(cfg, train_features, tmp_path / "run")
     ckdir = tmp_path / "run" / "checkpoints"
     assert info.value.step == 5 and info.value.checkpoint == ckdir / "step-000004.pt"
     assert "step-000004.pt" in str(info.value)

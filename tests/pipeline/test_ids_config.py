@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.configtools import apply_overrides, from_dict, to_dict
-from pipeline.ids import path_of_id, video_id
+from store.ids import path_of_id, video_id
 from pipeline.ranks import owns, rank_and_world
 
 
@@ -70,6 +70,30 @@ def test_rank_from_env_and_partition():
         for i in range(50):
             assert sum(owns(i, r, world) for r in range(world)) == 1
     assert list(itertools.compress(range(6), [owns(i, 1, 2) for i in range(6)])) == [1, 3, 5]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "4"}, "WORLD_SIZE is set but RANK is not"),
+    ({"SLURM_PROCID": "0"}, "SLURM_PROCID is set but SLURM_NTASKS is not"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "outside"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, "SLURM array task 3 without rank"),
+    ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM array task 3 without rank"),
+    ({"JOB_COMPLETION_INDEX": "2"}, "indexed-job pod 2 without RANK/WORLD_SIZE"),
+])
+def test_misconfigured_ranks_are_errors_not_rank_0_of_1(env, message):
+    from pipeline.ranks import RankError
+
+    with pytest.raises(RankError, match=message):
+        rank_and_world(env)
+
+
+def test_rank_variables_of_array_tasks():
+    array = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert rank_and_world({**array, "RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)  # the launcher's mapping wins
+    assert rank_and_world(array, partition=False) == (0, 1)  # dynamic claims need no partition
+    assert rank_and_world({"JOB_COMPLETION_INDEX": "2"}, partition=False) == (0, 1)
 
 
 def test_partial_nested_sections_keep_their_defaults():

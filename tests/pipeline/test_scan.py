@@ -4,10 +4,10 @@ import os
 import pytest
 
 from pipeline.captions import CaptionError, parse_timed_blocks, read_caption_file
-from pipeline.ids import video_id
-from pipeline.manifest import read_captions, read_manifest
+from store.ids import video_id
+from store.manifest import read_captions, read_manifest
 from pipeline.scan import ScanConfig, scan
-from pipeline.workspace import Workspace
+from store.layout import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +82,48 @@ def test_shard_plan_and_captions_files(scanned):
     for s in range(result.n_shards):
         ids = list(read_captions(ws.captions(s)))
         assert ids == [r.id for r in recs if r.shard == s]
-    summary = json.loads(ws.scan_summary.read_text())
+    summary = json.loads(ws.scan_record.read_text())
     assert summary["n_failed"] == result.n_failed == 9
+    assert [p["index"] for p in summary["shards"]] == [0, 1, 2, 3]
+    assert [p["n_videos"] for p in summary["shards"]] == [sum(r.shard == s for r in recs) for s in range(4)]
+    assert summary["manifest_bytes"] == ws.manifest.stat().st_size
 
 
-def test_rescan_uses_probe_cache_and_keeps_plan(scan_tree, tmp_path):
+def _files(ws: Workspace) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(ws.root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(ws.root.rglob("*")) if p.is_file()}
+
+
+def test_rescan_unchanged_writes_nothing_and_changes_are_seen(scan_tree, tmp_path):
+    root = tmp_path / "v"
+    root.mkdir()
+    for p in ("good.mp4", "good.srt", "silent.mkv"):
+        (root / p).write_bytes((scan_tree / p).read_bytes())
     ws = Workspace(tmp_path / "ws")
-    first = scan(scan_tree, ws, ScanConfig(shard_size=4), progress=False)
+    first = scan(root, ws, ScanConfig(shard_size=1), progress=False)
     plan = {r.id: r.shard for r in read_manifest(ws.manifest)}
-    again = scan(scan_tree, ws, ScanConfig(shard_size=4), progress=False)
-    assert first.n_probed == 16 and again.n_probed == 0
-    assert {r.id: r.shard for r in read_manifest(ws.manifest)} == plan
+    before = _files(ws)
+    again = scan(root, ws, ScanConfig(shard_size=1), progress=False)
+    assert first.n_probed == 2 and not first.up_to_date and again.up_to_date and again.n_probed == 0
+    assert _files(ws) == before  # nothing was rewritten
+    # A side-car edited: the scan is redone (no probe needed) and only its shard's caption file changes.
+    (root / "good.srt").write_text((scan_tree / "good.srt").read_text().replace("red circle", "green circle"))
+    third = scan(root, ws, ScanConfig(shard_size=1), progress=False)
+    assert not third.up_to_date and third.n_probed == 0
+    after = _files(ws)
+    good = ws.captions(plan[video_id("good.mp4")]).relative_to(ws.root).as_posix()
+    silent = ws.captions(plan[video_id("silent.mkv")]).relative_to(ws.root).as_posix()
+    assert after[good] != before[good] and after[silent] == before[silent]
+    assert after["manifest.jsonl"] == before["manifest.jsonl"]
+    old = {p["index"]: p for p in json.loads(ws.scan_record.read_text())["shards"]}
+    # A new video: appended in a new shard, the plan of the others kept, only it probed.
+    (root / "more.mp4").write_bytes((scan_tree / "good.mp4").read_bytes())
+    fourth = scan(root, ws, ScanConfig(shard_size=1), progress=False)
+    assert fourth.n_probed == 1 and fourth.n_shards == 3
+    new_plan = {r.id: r.shard for r in read_manifest(ws.manifest)}
+    assert {k: new_plan[k] for k in plan} == plan and new_plan[video_id("more.mp4")] == 2
+    shards = {p["index"]: p for p in json.loads(ws.scan_record.read_text())["shards"]}
+    assert {i: shards[i] for i in old} == old  # the existing shards' inputs are unchanged
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -90,7 +90,7 @@ def test_layout_and_summary(demo: tuple) -> None:
     assert summary.seconds_train == pytest.approx(12.0) and summary.seconds_heldout == pytest.approx(6.0)
     for p in summary.train_videos + summary.heldout_videos:
         assert p.is_file() and p.with_suffix(".srt").is_file()
-    assert not list(cfg.out_dir.rglob("*.part"))
+    assert not [p for p in cfg.out_dir.rglob("*") if ".tmp-" in p.name]  # no temporary file left
     assert [v["video"] for v in index["videos"]] == ["train/train-0000.mp4", "train/train-0001.mp4",
                                                       "heldout/heldout-0000.mp4"]
     assert "out_dir" not in index["config"]

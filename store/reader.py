@@ -1,0 +1,280 @@
+"""The one safe shard reader, the zip of the four fields by key, and the feature set of a workspace.
+
+Safety: only ``.npy`` (no pickle; the header must declare exactly the bytes that follow it, so a
+crafted header cannot make a reader allocate more than the member's size), ``.json`` and ``.txt``
+members are ever decoded. Everything else is refused.
+
+Rates: a field's rate (rows per second) and dim come from its done records, never from constants of
+the code. :func:`open_features` refuses shards of one field that disagree on them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+import zlib
+from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from store.fields import FIELDS, unusable_reason
+from store.layout import Workspace
+from store.lineage import fingerprint, read_record
+from store.shards import shard_problems
+
+logger = logging.getLogger(__name__)
+
+MAX_NDIM = 8
+
+
+class CorruptMember(ValueError):
+    """A member whose bytes cannot be what its name says (or that must not be decoded)."""
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` member as a read-only array, after checking that its header declares exactly the
+    bytes that follow it (no object dtypes, at most 8 dims)."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise CorruptMember(f"npy format version {version} not supported")
+    except CorruptMember:
+        raise
+    except (ValueError, EOFError, TypeError, SyntaxError) as exc:
+        raise CorruptMember(f"bad npy header: {exc}") from None
+    if dtype.hasobject:
+        raise CorruptMember("npy holds Python objects (would need pickle)")
+    if len(shape) > MAX_NDIM or any(int(n) < 0 for n in shape):
+        raise CorruptMember(f"npy header declares an implausible shape {shape}")
+    need = math.prod(int(n) for n in shape) * dtype.itemsize
+    have = len(data) - fp.tell()
+    if need != have:
+        raise CorruptMember(f"npy header declares {shape} {dtype} = {need} bytes, the member holds {have}")
+    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=fp.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def decode_member(name: str, data: bytes) -> Any:
+    """Decode one member by its extension: ``npy`` (:func:`decode_npy`), ``json``, ``txt``."""
+    ext = name.rsplit(".", 1)[-1]
+    if ext == "npy":
+        return decode_npy(data)
+    if ext == "json":
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptMember(f"bad json: {exc}") from None
+    if ext == "txt":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptMember(f"bad text: {exc}") from None
+    raise CorruptMember(f"refusing to decode member type {name!r} (only npy, json, txt)")
+
+
+def iter_raw(tar_path: Path) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__": id, "<member>": bytes, ...}`` of one tar, in order, through
+    webdataset's tar iterators (sequential reads). Raises on a broken tar."""
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(tar_path, "rb") as stream:
+        files = ({**f, "__url__": str(tar_path)} for f in tar_file_iterator(stream, handler=reraise_exception))
+        yield from group_by_keys(files, handler=reraise_exception)
+
+
+def iter_samples(tar_path: Path) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one tar: ``{"__key__": id, "json": {...}, "feat.npy": array, ...}``."""
+    for raw in iter_raw(tar_path):
+        out: dict[str, Any] = {"__key__": raw["__key__"]}
+        for name, data in raw.items():
+            if not name.startswith("__"):
+                out[name] = decode_member(name, data)
+        yield out
+
+
+# --------------------------------------------------------------------------------------------------
+# The feature set of a workspace
+
+
+@dataclass
+class ShardInfo:
+    """One shard index with its field tars and what their done records say."""
+
+    index: int
+    paths: dict[str, Path]
+    order: list[str]  # video ids in sample order (first field's record)
+    n_videos: int
+    n_usable: int  # videos usable for training according to the done records
+
+
+@dataclass
+class FeatureSet:
+    """The shards of a workspace complete in every field of ``fields``, with their rates and dims.
+
+    ``rates[field]``: rows per second (None for text), ``dims[field]``: row width,
+    ``fingerprints[field]``: hash of the done records (fingerprint, sha256, bytes) of the shards read,
+    ``problems``: one line per shard left out (not complete, or a tar that is not its record's).
+    """
+
+    ws: Workspace
+    fields: tuple[str, ...]
+    shards: list[ShardInfo]
+    rates: dict[str, float | None]
+    dims: dict[str, int | None]
+    extractors: dict[str, dict[str, Any]]
+    fingerprints: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def n_usable(self) -> int:
+        return sum(s.n_usable for s in self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.fingerprints)
+
+    def rate(self, f: str) -> float:
+        r = self.rates.get(f)
+        if r is None or not r > 0:
+            raise ValueError(f"field {f} has no rate in its done records ({self.ws.field_dir(f)})")
+        return float(r)
+
+
+def open_features(ws: Workspace, *, fields: Sequence[str] = FIELDS, check_sizes: bool = True) -> FeatureSet:
+    """The shards of ``ws`` whose done records exist for every field of ``fields``.
+
+    A shard missing in some field, an unreadable record or (``check_sizes``) a tar whose size is not
+    its record's leaves the shard out, with a line in ``problems``. Shards of one field that disagree
+    on the rate or the dim raise ValueError: features made by different extractors cannot be mixed.
+    """
+    fields = tuple(fields)
+    present = [set(ws.shard_indices(f)) for f in fields]
+    every = sorted(set().union(*present)) if present else []
+    shards: list[ShardInfo] = []
+    problems: list[str] = []
+    seen: dict[str, dict[str, tuple[Any, int]]] = {f: {} for f in fields}  # field → (rate, dim) → first shard
+    extractors: dict[str, dict[str, Any]] = {}
+    parts: dict[str, list[Any]] = {f: [] for f in fields}
+    for idx in every:
+        missing = [f for f, p in zip(fields, present) if idx not in p]
+        if missing:
+            problems.append(f"shard {idx:06d}: no done record for {', '.join(missing)}")
+            continue
+        records: dict[str, dict[str, Any]] = {}
+        bad = None
+        for f in fields:
+            rec = read_record(ws.shard_record(f, idx))
+            if rec is None or not isinstance(rec.get("videos"), list):
+                bad = f"{f}: unreadable done record"
+                break
+            if check_sizes:
+                trouble = shard_problems(ws, f, idx, rec)
+                if trouble:
+                    bad = f"{f}: {trouble[0]}"
+                    break
+            records[f] = rec
+        if bad is not None:
+            problems.append(f"shard {idx:06d}: {bad}")
+            continue
+        statuses: dict[str, dict[str, str]] = {}
+        for f in fields:
+            rec = records[f]
+            ex = rec.get("extractor") if isinstance(rec.get("extractor"), dict) else {}
+            key = json.dumps([ex.get("rate"), ex.get("dim")])
+            seen[f].setdefault(key, (ex, idx))
+            extractors.setdefault(f, ex)
+            parts[f].append([idx, rec.get("fingerprint"), rec.get("sha256"), rec.get("bytes")])
+            for v in rec["videos"]:
+                statuses.setdefault(str(v.get("id")), {})[f] = str(v.get("status"))
+        order = [str(v.get("id")) for v in records[fields[0]]["videos"]]
+        n_usable = sum(unusable_reason(s) is None for s in statuses.values()) if set(fields) == set(FIELDS) else 0
+        shards.append(ShardInfo(index=idx, paths={f: ws.shard_tar(f, idx) for f in fields}, order=order,
+                                n_videos=max(len(r["videos"]) for r in records.values()), n_usable=n_usable))
+    for f in fields:
+        if len(seen[f]) > 1:
+            kinds = "; ".join(f"rate {ex.get('rate')} rows/s, dim {ex.get('dim')} (e.g. shard {i:06d})"
+                              for ex, i in seen[f].values())
+            raise ValueError(f"field {f}: its shards were made by different extractors ({kinds}); "
+                             f"re-extract the field (`mcn extract --fields {f}`)")
+    for p in problems:
+        logger.warning("features %s: %s; left out", ws.features_dir, p)
+    return FeatureSet(
+        ws=ws, fields=fields, shards=shards,
+        rates={f: extractors.get(f, {}).get("rate") for f in fields},
+        dims={f: extractors.get(f, {}).get("dim") for f in fields},
+        extractors=extractors,
+        fingerprints={f: fingerprint(parts[f]) for f in fields},
+        problems=problems,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Zipping the fields of one shard
+
+
+class _Stream:
+    """One field's raw samples; remembers whether it ended on an error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.it = iter_raw(path)
+        self.error: Exception | None = None
+
+    def next(self) -> dict[str, Any] | None:
+        try:
+            return next(self.it)
+        except StopIteration:
+            return None
+        except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
+            self.error = exc
+            return None
+
+
+def zip_shard(shard: ShardInfo, counts: MutableMapping[str, int]) -> Iterator[dict[str, dict[str, Any]]]:
+    """Yield ``{field: raw sample}`` for the keys present in every field of a shard.
+
+    Merge-join on the order of the shard's done record: when heads disagree, the heads earliest in that
+    order (unknown keys first) are dropped and counted in ``counts["key_mismatch"]``. A tar that breaks
+    mid-way ends the shard (``counts["corrupted_shards"]``).
+    """
+    order = {k: i for i, k in enumerate(shard.order)}
+    fields = list(shard.paths)
+    its = {f: _Stream(shard.paths[f]) for f in fields}
+    heads = {f: its[f].next() for f in fields}
+    while True:
+        if any(h is None for h in heads.values()):
+            broken = {f: it.error for f, it in its.items() if it.error is not None}
+            early = [f for f, h in heads.items() if h is None and f not in broken]
+            if broken or any(h is not None for h in heads.values()):
+                # a tar that raised, or one that ended before the others (tarfile stops silently on a
+                # damaged header in the middle of an archive): the rest of the shard is lost
+                counts["corrupted_shards"] = counts.get("corrupted_shards", 0) + 1
+                logger.warning("shard %06d: corrupted or truncated field tar(s) %s%s; rest of the shard "
+                               "skipped", shard.index, sorted(broken) or early,
+                               f" ({next(iter(broken.values()))})" if broken else "")
+            return
+        keys = {f: h["__key__"] for f, h in heads.items()}  # type: ignore[index]
+        if len(set(keys.values())) == 1:
+            yield heads  # type: ignore[misc]
+            heads = {f: its[f].next() for f in fields}
+            continue
+        rank = {f: order.get(k, -1) for f, k in keys.items()}
+        low = min(rank.values())
+        for f in fields:
+            if rank[f] == low:
+                counts["key_mismatch"] = counts.get("key_mismatch", 0) + 1
+                logger.warning("shard %06d: key %r of field %s has no partner in every field; skipped",
+                               shard.index, keys[f], f)
+                heads[f] = its[f].next()

@@ -1,0 +1,305 @@
+"""The on-disk contract: layout, owners and their liveness, atomic writes and the sweep, claims,
+lineage, and the safe reader."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store import atomic, owner
+from store.claims import Claim, ClaimLost, Claims, Holder
+from store.fields import unusable_reason, usable
+from store.layout import Workspace, shard_index, shard_name
+from store.lineage import RUNTIME, Lineage, config_dict, stale_reasons, unit_state
+from store.owner import ClaimConfig, Registry
+from store.reader import CorruptMember, decode_member, decode_npy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from store import atomic, owner
+    from store.claims import Claims
+    from store.layout import Workspace
+    from store.owner import ClaimConfig, Registry
+    ws = Workspace(sys.argv[1])
+    reg = Registry(ws.owners_dir, ClaimConfig(lease_s=30, heartbeat_s=1))
+    claims = Claims(ws.lock, reg, ws.locks_dir)
+    got = claims.try_acquire(sys.argv[2])
+    (ws.root / ("." + "x.bin" + atomic.TEMP_MARK + owner.current().token)).write_bytes(b"partial")
+    print(owner.current().token, type(got).__name__, flush=True)
+    time.sleep(float(sys.argv[3]))
+    """
+)
+
+
+def _holder(tmp_path: Path, ws: Workspace, unit: str, sleep: float = 60.0) -> tuple[subprocess.Popen, str, str]:
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(root=str(ROOT)))
+    proc = subprocess.Popen([sys.executable, str(script), str(ws.root), unit, str(sleep)], stdout=subprocess.PIPE,
+                            text=True)
+    token, got = proc.stdout.readline().split()
+    return proc, token, got
+
+
+def _claims(ws: Workspace, **kw) -> Claims:
+    return Claims(ws.lock, Registry(ws.owners_dir, ClaimConfig(**kw)), ws.locks_dir)
+
+
+def test_layout_names_and_units(tmp_path):
+    ws = Workspace(tmp_path)
+    assert shard_name(123) == "shard-000123" and shard_index("shard-000123.tar") == 123
+    assert shard_index("shard-000123.json", "json") == 123 and shard_index("shard-000123.json") is None
+    assert shard_index(".shard-000123.tar.tmp-x") is None and shard_index("shard-12.tar") is None
+    assert ws.shard_tar("text", 7) == tmp_path / "features" / "text" / "shard-000007.tar"
+    assert ws.lock(ws.shard_unit("audio", 3)) == tmp_path / "locks" / "features" / "audio" / "shard-000003.lock"
+    with pytest.raises(ValueError):
+        ws.field_dir("video4d")
+    for bad in ("", "a/../b", "/abs"):
+        with pytest.raises(ValueError):
+            ws.lock(bad)
+    assert ws.run_dirs("default", "0123456789abcdef") == [tmp_path / "runs" / "default",
+                                                          tmp_path / "runs" / "default-01234567"]
+    for f in ("video2d", "text"):
+        ws.field_dir(f).mkdir(parents=True)
+    for name in ("shard-000002.json", "shard-000000.json", "shard-000001.tar", ".shard-000005.json.tmp-x", "x.json"):
+        (ws.field_dir("video2d") / name).write_text("{}")
+    assert ws.shard_indices("video2d") == [0, 2] and ws.shard_indices("video2d", "tar") == [1]
+
+
+def test_owner_tokens_and_liveness(tmp_path):
+    me = owner.current()
+    assert owner.local_alive(me.token) is True
+    assert me.token.count("-") == 3 and owner.parse_token(me.token) == (me.machine, me.pid, me.start)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = owner.process_start(proc.pid)
+    assert start is not None
+    other = f"{me.machine}-{proc.pid}-{start}-abcd1234"
+    assert owner.local_alive(other) is True
+    assert owner.local_alive(f"{me.machine}-{proc.pid}-{start + 1}-abcd1234") is False  # pid reused
+    proc.kill()
+    proc.wait()
+    assert owner.local_alive(other) is False
+    assert owner.local_alive(f"00000000-{proc.pid}-{start}-abcd1234") is None  # another machine: cannot tell
+    assert owner.local_alive("not-a-token") is None
+
+
+def test_registry_heartbeat_decides_for_other_machines(tmp_path):
+    reg = Registry(tmp_path / "owners", ClaimConfig(lease_s=10, heartbeat_s=1))
+    foreign = "00000000-1-5-deadbeef"
+    assert not reg.alive(foreign)  # never registered
+    path = reg.path(foreign)
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    assert reg.alive(foreign)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    assert not reg.alive(foreign) and reg.sweep() == 1 and not path.exists()
+    reg.register()
+    mine = reg.path(owner.current().token)
+    os.utime(mine, (old, old))
+    time.sleep(1.5)  # the heartbeat refreshes it
+    assert time.time() - mine.stat().st_mtime < 5
+
+
+def test_atomic_writes_leave_old_or_new(tmp_path):
+    target = tmp_path / "out" / "data.bin"
+    atomic.write_bytes(target, b"old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_open(target, "wb") as fh:
+            fh.write(b"new but broken")
+            assert atomic.temp_path(target).exists() and atomic.temp_owner(atomic.temp_path(target).name)
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["data.bin"]
+    assert atomic.temp_path(target).name == f".data.bin.tmp-{owner.current().token}"
+    mtime = target.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert atomic.write_if_changed(target, b"old") is False and target.stat().st_mtime_ns == mtime
+    assert atomic.write_if_changed(target, b"new") is True and target.read_bytes() == b"new"
+
+
+def test_sweep_removes_only_temps_of_owners_that_are_gone(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    live, live_token, _ = _holder(tmp_path, ws, "unit-live")
+    dead, dead_token, _ = _holder(tmp_path, ws, "unit-dead")
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    reg = Registry(ws.owners_dir, ClaimConfig(lease_s=30))
+    foreign_fresh = ws.root / ".y.bin.tmp-00000000-7-7-aaaaaaaa"
+    foreign_old = ws.root / ".z.bin.tmp-00000000-8-8-bbbbbbbb"
+    for p in (foreign_fresh, foreign_old):
+        p.write_bytes(b"x")
+    old = time.time() - 600
+    os.utime(foreign_old, (old, old))
+    try:
+        n = atomic.sweep_temps(ws.root, reg.keeps)
+        left = sorted(p.name for p in ws.root.iterdir() if atomic.temp_owner(p.name))
+        assert n == 2  # the dead local owner's and the foreign one past the lease
+        assert left == sorted([f".x.bin.tmp-{live_token}", foreign_fresh.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_claims_live_holders_are_never_broken_dead_ones_are(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    claims = _claims(ws, lease_s=30, poll_s=0.05)
+    proc, token, got = _holder(tmp_path, ws, "features/text/shard-000001")
+    assert got == "Claim"
+    held = claims.try_acquire("features/text/shard-000001")
+    assert isinstance(held, Holder) and held.token == token and held.pid == proc.pid
+    assert claims.holder("features/text/shard-000001").token == token
+    with pytest.raises(TimeoutError, match="held by"):
+        claims.acquire("features/text/shard-000001", timeout_s=0.3)
+    proc.kill()
+    proc.wait()
+    mine = claims.try_acquire("features/text/shard-000001")
+    assert isinstance(mine, Claim) and mine.held()
+    mine.verify()
+    mine.release()
+    assert not ws.lock("features/text/shard-000001").exists()
+
+
+def test_a_claim_on_another_machine_is_broken_only_after_its_lease(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    claims = _claims(ws, lease_s=5)
+    foreign = "00000000-1-5-cafecafe"
+    lock = ws.lock("scan")
+    lock.parent.mkdir(parents=True)
+    lock.write_text('{"unit": "scan", "token": "%s", "host": "node7", "pid": 1, "since": "t"}' % foreign)
+    reg = claims.registry.path(foreign)
+    reg.parent.mkdir(parents=True, exist_ok=True)
+    reg.write_text("{}")
+    got = claims.try_acquire("scan")
+    assert isinstance(got, Holder) and got.host == "node7"  # its heartbeat is fresh
+    old = time.time() - 60
+    os.utime(reg, (old, old))
+    mine = claims.try_acquire("scan")
+    assert isinstance(mine, Claim)
+
+
+def test_broken_claim_is_noticed_before_commit(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    claims = _claims(ws)
+    mine = claims.try_acquire("runs/default")
+    assert isinstance(mine, Claim)
+    ws.lock("runs/default").write_text('{"unit": "runs/default", "token": "other", "host": "h", "pid": 2, "since": "t"}')
+    with pytest.raises(ClaimLost, match="now held by h pid 2"):
+        mine.verify()
+
+
+RACE = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from store.claims import Claim, Claims
+    from store.layout import Workspace
+    from store.owner import Registry
+    ws = Workspace(sys.argv[1])
+    claims = Claims(ws.lock, Registry(ws.owners_dir), ws.locks_dir)
+    while time.time() < float(sys.argv[2]):
+        pass
+    print(isinstance(claims.try_acquire("eval/heldout"), Claim), flush=True)
+    time.sleep(2)
+    """
+)
+
+
+def test_racing_claims_one_winner(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    script = tmp_path / "race.py"
+    script.write_text(RACE.format(root=str(ROOT)))
+    go = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, str(script), str(ws.root), str(go)], stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(results) == ["False"] * 5 + ["True"]
+
+
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class _Inner:
+    size: int = 3
+    device: str = field(default="cpu", metadata=RUNTIME)
+
+
+@dataclass
+class _Cfg:
+    lr: float = 0.1
+    batch_size: int = field(default=8, metadata=RUNTIME)
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_lineage_fingerprints_and_reasons():
+    assert config_dict(_Cfg()) == {"lr": 0.1, "inner": {"size": 3}}  # runtime fields are not in it
+    a = Lineage("c1", "code-1", {"videos": "v1", "captions": "k1"})
+    assert a.fingerprint == Lineage("c1", "code-1", {"captions": "k1", "videos": "v1"}).fingerprint
+    assert stale_reasons(a.to_json(), Lineage("c2", "code-1", {"videos": "v1", "captions": "k1"})) == ["config changed"]
+    assert stale_reasons(a.to_json(), Lineage("c1", "code-2", {"videos": "v2", "captions": "k1"})) == [
+        "code changed (code-1 -> code-2)", "videos changed"]
+    assert stale_reasons(a.to_json(), Lineage("c1", "code-1", {"videos": "v1"})) == ["input captions no longer used"]
+    assert stale_reasons(None, a) == ["record has no lineage (made by an older version)"]
+    rec = {"fingerprint": a.fingerprint, "lineage": a.to_json()}
+    assert unit_state(rec, a).status == "done" and unit_state(None, a).status == "missing"
+    st = unit_state(rec, a, ["tar missing"])
+    assert st.status == "stale" and st.reasons == ["tar missing"]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_reader_decodes_only_safe_members_and_bounds_npy_headers():
+    a = np.arange(12, dtype=np.float16).reshape(3, 4)
+    out = decode_npy(_npy(a))
+    assert out.dtype == np.float16 and np.array_equal(out, a) and not out.flags.writeable
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3))
+    assert np.array_equal(decode_npy(_npy(fortran)), fortran)
+    # a header that declares 10^12 floats in a 200-byte member: refused before any allocation
+    huge = _npy(np.zeros(4, np.float32)).replace(b"(4,)", b"(1000000000000,)")
+    with pytest.raises(CorruptMember, match="declares"):
+        decode_npy(huge)
+    with pytest.raises(CorruptMember, match="declares"):
+        decode_npy(_npy(a)[:-2])  # truncated
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CorruptMember, match="pickle"):
+        decode_npy(buf.getvalue())
+    with pytest.raises(CorruptMember, match="npy format version .* not supported|bad npy header"):
+        decode_npy(b"\x93NUMPY garbage" + b"\x00" * 40)
+    with pytest.raises(CorruptMember, match="bad npy header"):
+        decode_npy(b"not an npy at all")
+    with pytest.raises(CorruptMember, match="only npy, json, txt"):
+        decode_member("x.pickle", b"\x80\x04K\x01.")
+    assert decode_member("meta.json", b'{"a": 1}') == {"a": 1} and decode_member("t.txt", b"hi") == "hi"
+    with pytest.raises(CorruptMember, match="bad json"):
+        decode_member("meta.json", b"{")
+
+
+@pytest.mark.parametrize("statuses, reason", [
+    ({"video2d": "ok", "video3d": "ok", "audio": "ok", "text": "ok"}, None),
+    ({"video2d": "ok", "video3d": "ok", "audio": "no_audio", "text": "ok"}, None),
+    ({"video2d": "ok", "video3d": "ok", "audio": "ok", "text": "no_captions"}, "no_captions"),
+    ({"video2d": "ok", "video3d": "failed", "audio": "ok", "text": "ok"}, "failed"),
+    ({"video2d": "ok", "video3d": "ok", "audio": "failed", "text": "no_captions"}, "failed"),
+    ({"video2d": "ok", "video3d": "ok", "text": "ok"}, "failed"),  # a field missing
+])
+def test_usable_video_rule(statuses, reason):
+    assert unusable_reason(statuses) == reason and usable(statuses) == (reason is None)
