@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .base import (
@@ -39,6 +38,8 @@ def resnet152_trunk() -> nn.Module:
     Its state-dict keys are exactly torchvision's ``resnet152`` keys minus ``fc.*``. Randomly
     initialised (torchvision's init); seed the RNG around the call for reproducible weights.
     """
+    import torchvision  # here, not at import: describing the extractor (status, fingerprints) needs no model
+
     model = torchvision.models.resnet152(weights=None)
     model.fc = nn.Identity()
     return model

@@ -121,7 +121,7 @@ class ExtractStage:
         self._extractors: dict[str, FeatureExtractor] = {}
         self._captions: dict[int, dict] = {}
         self._described: dict[str, dict[str, Any]] = {}
-        self._field_fp: dict[str, str] = {}
+        self._field_fp: dict[str, tuple[str, str]] = {}  # field → (config fingerprint, code version)
         for f in self.fields:
             spec: ExtractorSpec = getattr(cfg, f)
             cls = get_extractor(spec.name)
@@ -180,14 +180,15 @@ class ExtractStage:
     def lineage(self, f: str, job: ShardJob) -> Lineage:
         """Config, code (extractor version and shard format) and inputs (the shard's videos, and for
         text its captions, as fingerprints from the scan's plan) of one field of one shard."""
-        desc = self.describe(f)
         inputs = {"videos": job.planned.videos}
         if f == "text":
             inputs["captions"] = job.planned.captions
         if f not in self._field_fp:
-            self._field_fp[f] = fingerprint(self.field_config(f))
-        return Lineage(config=self._field_fp[f], code=f"{desc['extractor']}-{desc['version']}/{SHARD_FORMAT}",
-                       inputs=inputs)
+            desc = self.describe(f)
+            self._field_fp[f] = (fingerprint(self.field_config(f)),
+                                 f"{desc['extractor']}-{desc['version']}/{SHARD_FORMAT}")
+        config, code = self._field_fp[f]
+        return Lineage(config=config, code=code, inputs=inputs)
 
     # -- work ---------------------------------------------------------------------------------------
     def process(self, job: ShardJob, claims: dict[str, Claim]) -> None:

@@ -257,7 +257,7 @@ def scan_state(ws: Workspace, root: Path, cfg: ScanConfig, listing: list[list[An
             size = None
         if size != record.get("manifest_bytes"):
             problems.append("manifest missing or changed since the scan")
-        elif not all(ws.captions(s["index"]).exists() for s in record.get("shards", [])):
+        elif not {s["index"] for s in record.get("shards", [])} <= set(ws.caption_shards()):
             problems.append("caption files missing")
     return unit_state(record, lineage, problems)
 

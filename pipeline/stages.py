@@ -20,6 +20,7 @@ from pipeline.runner import RunSummary, ShardJob, Workers, run_sharded
 from store.layout import Workspace, latest_checkpoint
 from store.lineage import Lineage, UnitState, config_dict, fingerprint, read_record, unit_state
 from store.manifest import group_by_shard, iter_manifest, read_scan
+from store.index import FieldRecords, field_records
 from store.reader import FeatureSet, open_features
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class FieldState:
     missing: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # reason → shards
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (video id, status, reason)
+    records: FieldRecords | None = None  # the field's record summaries, for open_features
 
     @property
     def complete(self) -> bool:
@@ -100,23 +102,34 @@ class FieldState:
 
 
 def extract_states(ws: Workspace, cfg: Config, *, verify: bool = False) -> dict[str, FieldState]:
-    """Per field of ``cfg.extract.fields``: done / stale / missing shards (reasons) and failed videos."""
-    from store.shards import shard_state
+    """Per field of ``cfg.extract.fields``: done / stale / missing shards (reasons) and failed videos.
+
+    One listing of each field's folder and its record index (store.index): no per-shard file is read
+    unless the shard is stale (to say why)."""
+    from store.shards import check_shard
 
     stage = extract_stage(ws, cfg)
     jobs = shard_jobs(ws, with_records=False)
+    interned: dict[str, str] = {}
     out: dict[str, FieldState] = {}
     for f in stage.fields:
-        st = FieldState(f, extractor=stage.describe(f)["extractor"])
+        recs = field_records(ws, f, interned=interned)
+        st = FieldState(f, extractor=stage.describe(f)["extractor"], records=recs)
         for job in jobs:
-            s = shard_state(ws, f, job.index, stage.lineage(f, job), verify=verify)
+            summary = recs.records.get(job.index)
+            lineage = stage.lineage(f, job)
+            size = recs.tar_sizes.get(job.index)
+            if (not verify and summary is not None and size == summary.bytes
+                    and summary.fingerprint == lineage.fingerprint):
+                st.done += 1  # the common case, without building a state
+                st.failed.extend(summary.problems)
+                continue
+            s = check_shard(ws, f, job.index, lineage, summary, size, verify=verify)
             setattr(st, s.status, getattr(st, s.status) + 1)
             for r in s.reasons:
                 st.reasons[r] = st.reasons.get(r, 0) + 1
-            if s.record is not None:
-                for v in s.record.get("videos", []):
-                    if v.get("status") != "ok":
-                        st.failed.append((str(v.get("id")), str(v.get("status")), str(v.get("error"))))
+            if summary is not None:
+                st.failed.extend(summary.problems)
         out[f] = st
     return out
 
@@ -183,13 +196,14 @@ class TrainState:
         return Workspace.checkpoints_dir(self.run_dir) / str(rec["checkpoint"])
 
 
-def features_upstream(ws: Workspace, cfg: Config, features: FeatureSet) -> list[str]:
+def features_upstream(ws: Workspace, cfg: Config, features: FeatureSet,
+                      states: dict[str, FieldState] | None = None) -> list[str]:
     """Why the features on disk are not those of the current scan and extract config."""
     reasons = [f"features: {p}" for p in features.problems[:3]]
     if len(features.problems) > 3:
         reasons.append(f"features: {len(features.problems) - 3} more shard(s) incomplete")
     try:
-        states = extract_states(ws, cfg)
+        states = states if states is not None else extract_states(ws, cfg)
     except FileNotFoundError as exc:
         return reasons + [str(exc)]
     for f, st in states.items():
@@ -199,12 +213,19 @@ def features_upstream(ws: Workspace, cfg: Config, features: FeatureSet) -> list[
     return reasons
 
 
-def train_state(ws: Workspace, cfg: Config, *, features: FeatureSet | None = None) -> TrainState:
-    features = features or open_features(ws, check_sizes=cfg.train.data.check_sizes)
+def train_state(ws: Workspace, cfg: Config, *, extract: dict[str, FieldState] | None = None) -> TrainState:
+    """The run of the current config and features (``extract``: the extract states already computed)."""
+    if extract is None:
+        try:
+            extract = extract_states(ws, cfg)
+        except FileNotFoundError:
+            extract = {}
+    records = {f: st.records for f, st in extract.items() if st.records is not None}
+    features = open_features(ws, check_sizes=cfg.train.data.check_sizes, records=records)
     lineage = train_lineage(cfg, features)
     run_dir = find_run(ws, cfg.evaluate.run, lineage)
     return TrainState(run_dir, lineage, run_state(ws, cfg, run_dir, lineage), features,
-                      features_upstream(ws, cfg, features))
+                      features_upstream(ws, cfg, features, extract or None))
 
 
 def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_from: str | None = None,

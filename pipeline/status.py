@@ -67,7 +67,7 @@ def workspace_status(ws: Workspace, cfg: Config, *, verify: bool = False, max_it
         items = [f"{s:<11} {vid}: {why}" for vid, s, why in fs.failed]
         lines.append(StageLine("extract", f, status, detail, _cap(items, max_items)))
 
-    ts = train_state(ws, cfg)
+    ts = train_state(ws, cfg, extract=fields)
     name = ts.run_dir.name
     if ts.upstream:
         status, detail = ("stale" if ts.state.record is not None else "missing"), "waiting on " + "; ".join(ts.upstream)
@@ -111,7 +111,8 @@ def workspace_status(ws: Workspace, cfg: Config, *, verify: bool = False, max_it
                 lines.append(StageLine("evaluate", set_name, "stale" if record else "missing",
                                        "the set's features are not current: " + "; ".join(upstream)))
                 continue
-            lineage = eval_lineage(ws, cfg, spec, set_name, ts.checkpoint, open_features(set_ws))
+            features = ts.features if set_ws == ws else open_features(set_ws)
+            lineage = eval_lineage(ws, cfg, spec, set_name, ts.checkpoint, features)
             est = eval_state(ws, set_name, lineage)
         except (FileNotFoundError, ValueError) as exc:
             lines.append(StageLine("evaluate", set_name, "missing", str(exc)))

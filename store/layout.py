@@ -7,6 +7,7 @@
     WS/scan.config.yaml                    resolved scan config
     WS/captions/shard-NNNNNN.jsonl         normalised captions of the videos of one shard (scan)
     WS/cache/probe.jsonl                   ffprobe results keyed by (path, size, mtime) (scan)
+    WS/cache/records/<field>.json          record index: a cache of a field's done-record summaries
     WS/features/<field>/shard-NNNNNN.tar   webdataset shard of one field (extract)
     WS/features/<field>/shard-NNNNNN.json  its done record (lineage, extractor, rate, dim, dtype, videos)
     WS/features/<field>/config.yaml        resolved extract config of that field
@@ -41,8 +42,8 @@ from pathlib import Path
 
 from store.fields import check_field
 
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.(tar|json|jsonl)$")
-_CKPT_RE = re.compile(r"^step-(\d{6,})\.pt$")
+_SHARD_RE = re.compile(r"^shard-([0-9]{6,})\.(tar|json|jsonl)$")
+_CKPT_RE = re.compile(r"^step-([0-9]{6,})\.pt$")
 LATEST = "latest"  # checkpoints/latest names the newest checkpoint file
 
 
@@ -55,6 +56,9 @@ def shard_name(index: int) -> str:
 
 def shard_index(name: str, suffix: str = "tar") -> int | None:
     """The index of a shard file name (``shard-000123.tar`` → 123), None for any other name."""
+    # string tests first: a listing of 20,000 shards calls this 40,000 times
+    if not (name.startswith("shard-") and name.endswith(suffix) and name[-len(suffix) - 1] == "."):
+        return None
     m = _SHARD_RE.match(name)
     return int(m.group(1)) if m and m.group(2) == suffix else None
 
@@ -140,6 +144,11 @@ class Workspace:
 
     def shard_record(self, field: str, shard: int) -> Path:
         return self.field_dir(field) / f"{shard_name(shard)}.json"
+
+    def field_index(self, field: str) -> Path:
+        """The record index of a field (store.index: a cache of its done records' summaries); outside
+        the field's folder, whose modification time the index relies on."""
+        return self.root / "cache" / "records" / f"{check_field(field)}.json"
 
     def field_config(self, field: str) -> Path:
         return self.field_dir(field) / "config.yaml"
@@ -277,7 +286,7 @@ class Workspace:
     def temp_folders(self) -> Iterator[Path]:
         """Folders where writers leave temporary files (swept by :func:`store.atomic.sweep_temps`)."""
         yield self.root
-        for folder in (self.captions_dir, self.root / "cache", self.search_cache):
+        for folder in (self.captions_dir, self.root / "cache", self.root / "cache" / "records", self.search_cache):
             yield folder
         if self.features_dir.is_dir():
             for entry in os.scandir(self.features_dir):

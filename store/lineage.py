@@ -77,10 +77,19 @@ class Lineage:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.config, self.code, dict(self.inputs))
+        # sha256 of "config\x1fcode\x1fk=v\x1f...": a plain joined string rather than JSON, and the
+        # config/code prefix hashed once (status computes one fingerprint per shard and field).
+        h = _prefix(self.config, self.code).copy()
+        h.update("".join(f"\x1f{k}={v}" for k, v in sorted(self.inputs.items())).encode())
+        return h.hexdigest()[:24]
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "code": self.code, "inputs": dict(sorted(self.inputs.items()))}
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix(config: str, code: str) -> Any:
+    return hashlib.sha256(f"{config}\x1f{code}".encode())
 
 
 def stale_reasons(stored: Mapping[str, Any] | None, current: Lineage) -> list[str]:

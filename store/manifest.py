@@ -12,7 +12,9 @@ after a re-scan, and ``mcn status`` never needs to read the manifest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,9 +156,9 @@ def plan_shard(index: int, records: list[VideoRecord], captions: list[tuple[str,
                         captions=fingerprint(captions_text(captions)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScanState:
-    """What ``scan.json`` says: the videos root and the plan (None fields when there is no scan)."""
+    """What ``scan.json`` says: the videos root and the plan (shared between callers: do not modify)."""
 
     record: dict[str, Any]
     videos_root: Path
@@ -169,7 +171,18 @@ class ScanState:
 
 
 def read_scan(ws: Workspace) -> ScanState:
-    """The scan record of ``ws``; FileNotFoundError (saying to run `mcn scan`) when there is none."""
+    """The scan record of ``ws``; FileNotFoundError (saying to run `mcn scan`) when there is none.
+    Parsed once per version of the file (a plan of 20,000 shards is a few MB of JSON)."""
+    try:
+        st = os.stat(ws.scan_record)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no scan record at {ws.scan_record}: run `mcn scan` first") from None
+    return _read_scan(str(ws.scan_record), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_scan(path: str, mtime_ns: int, size: int, inode: int) -> ScanState:
+    ws = Workspace(Path(path).parent)
     rec = read_record(ws.scan_record)
     if rec is None or "videos_root" not in rec:
         raise FileNotFoundError(f"no scan record at {ws.scan_record}: run `mcn scan` first")

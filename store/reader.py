@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from store.fields import FIELDS, unusable_reason
+from store.fields import FIELDS, OK, unusable_reason
+from store.index import FieldRecords, field_records
 from store.layout import Workspace
 from store.lineage import fingerprint, read_record
-from store.shards import shard_problems
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,24 @@ def iter_samples(tar_path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class ShardInfo:
-    """One shard index with its field tars and what their done records say."""
+    """One shard index of a feature set, with what its done records say (paths made on demand: a
+    feature set of 20,000 shards holds no Path objects)."""
 
+    ws: Workspace
     index: int
-    paths: dict[str, Path]
-    order: list[str]  # video ids in sample order (first field's record)
+    fields: tuple[str, ...]
     n_videos: int
     n_usable: int  # videos usable for training according to the done records
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """field → its tar."""
+        return {f: self.ws.shard_tar(f, self.index) for f in self.fields}
+
+    @property
+    def record(self) -> Path:
+        """The first field's done record: the order of the samples."""
+        return self.ws.shard_record(self.fields[0], self.index)
 
 
 @dataclass
@@ -152,62 +163,67 @@ class FeatureSet:
         return float(r)
 
 
-def open_features(ws: Workspace, *, fields: Sequence[str] = FIELDS, check_sizes: bool = True) -> FeatureSet:
+def open_features(ws: Workspace, *, fields: Sequence[str] = FIELDS, check_sizes: bool = True,
+                  records: dict[str, FieldRecords] | None = None) -> FeatureSet:
     """The shards of ``ws`` whose done records exist for every field of ``fields``.
 
-    A shard missing in some field, an unreadable record or (``check_sizes``) a tar whose size is not
-    its record's leaves the shard out, with a line in ``problems``. Shards of one field that disagree
-    on the rate or the dim raise ValueError: features made by different extractors cannot be mixed.
+    A shard missing in some field, or (``check_sizes``) a tar whose size is not its record's, is left
+    out, with a line in ``problems``. Shards of one field that disagree on the rate or the dim raise
+    ValueError: features made by different extractors cannot be mixed. ``records``: the fields' record
+    summaries when the caller has them already (:func:`store.index.field_records`).
     """
     fields = tuple(fields)
-    present = [set(ws.shard_indices(f)) for f in fields]
-    every = sorted(set().union(*present)) if present else []
+    interned: dict[str, str] = {}
+    recs = {f: (records or {}).get(f) or field_records(ws, f, interned=interned) for f in fields}
+    every = sorted(set().union(*(r.records for r in recs.values()))) if fields else []
     shards: list[ShardInfo] = []
     problems: list[str] = []
-    seen: dict[str, dict[str, tuple[Any, int]]] = {f: {} for f in fields}  # field → (rate, dim) → first shard
-    extractors: dict[str, dict[str, Any]] = {}
+    seen: dict[str, dict[str, int]] = {f: {} for f in fields}  # field → extractor JSON → first shard
     parts: dict[str, list[Any]] = {f: [] for f in fields}
+    all_fields = set(fields) == set(FIELDS)
+    maps = [recs[f].records for f in fields]
+    sizes = [recs[f].tar_sizes for f in fields]
+    columns = [parts[f] for f in fields]
+    firsts = [seen[f] for f in fields]
     for idx in every:
-        missing = [f for f, p in zip(fields, present) if idx not in p]
-        if missing:
+        sums = [m.get(idx) for m in maps]
+        if None in sums:
+            missing = [f for f, x in zip(fields, sums) if x is None]
             problems.append(f"shard {idx:06d}: no done record for {', '.join(missing)}")
             continue
-        records: dict[str, dict[str, Any]] = {}
         bad = None
-        for f in fields:
-            rec = read_record(ws.shard_record(f, idx))
-            if rec is None or not isinstance(rec.get("videos"), list):
-                bad = f"{f}: unreadable done record"
+        for f, summary, size in zip(fields, sums, (z.get(idx) for z in sizes)):
+            if size is None:
+                bad = f"{f}: tar missing"
+            elif check_sizes and summary.bytes != size:
+                bad = f"{f}: tar is {size} bytes, its record says {summary.bytes}"
+            if bad:
                 break
-            if check_sizes:
-                trouble = shard_problems(ws, f, idx, rec)
-                if trouble:
-                    bad = f"{f}: {trouble[0]}"
-                    break
-            records[f] = rec
         if bad is not None:
             problems.append(f"shard {idx:06d}: {bad}")
             continue
-        statuses: dict[str, dict[str, str]] = {}
-        for f in fields:
-            rec = records[f]
-            ex = rec.get("extractor") if isinstance(rec.get("extractor"), dict) else {}
-            key = json.dumps([ex.get("rate"), ex.get("dim")])
-            seen[f].setdefault(key, (ex, idx))
-            extractors.setdefault(f, ex)
-            parts[f].append([idx, rec.get("fingerprint"), rec.get("sha256"), rec.get("bytes")])
-            for v in rec["videos"]:
-                statuses.setdefault(str(v.get("id")), {})[f] = str(v.get("status"))
-        order = [str(v.get("id")) for v in records[fields[0]]["videos"]]
-        n_usable = sum(unusable_reason(s) is None for s in statuses.values()) if set(fields) == set(FIELDS) else 0
-        shards.append(ShardInfo(index=idx, paths={f: ws.shard_tar(f, idx) for f in fields}, order=order,
-                                n_videos=max(len(r["videos"]) for r in records.values()), n_usable=n_usable))
+        unusable: dict[str, dict[str, str]] = {}
+        for f, summary, column, first in zip(fields, sums, columns, firsts):
+            if summary.extractor not in first:
+                first[summary.extractor] = idx
+            column.append((idx, summary.fingerprint, summary.sha256, summary.bytes))
+            for vid, status, _ in summary.problems:
+                unusable.setdefault(vid, {})[f] = status
+        n_videos = max(x.n_videos for x in sums)
+        # a video not listed among a field's problems is ok in it
+        bad_videos = sum(unusable_reason({f: s.get(f, OK) for f in FIELDS}) is not None
+                         for s in unusable.values()) if unusable else 0
+        shards.append(ShardInfo(ws, idx, fields, n_videos, (n_videos - bad_videos) if all_fields else 0))
+    extractors: dict[str, dict[str, Any]] = {}
     for f in fields:
-        if len(seen[f]) > 1:
-            kinds = "; ".join(f"rate {ex.get('rate')} rows/s, dim {ex.get('dim')} (e.g. shard {i:06d})"
-                              for ex, i in seen[f].values())
-            raise ValueError(f"field {f}: its shards were made by different extractors ({kinds}); "
+        kinds = [json.loads(ex) for ex in seen[f]]
+        if len({json.dumps([k.get("rate"), k.get("dim")]) for k in kinds}) > 1:
+            listing = "; ".join(f"rate {k.get('rate')} rows/s, dim {k.get('dim')} (e.g. shard {i:06d})"
+                                for k, i in zip(kinds, seen[f].values()))
+            raise ValueError(f"field {f}: its shards were made by different extractors ({listing}); "
                              f"re-extract the field (`mcn extract --fields {f}`)")
+        if kinds:
+            extractors[f] = kinds[0]
     for p in problems:
         logger.warning("features %s: %s; left out", ws.features_dir, p)
     return FeatureSet(
@@ -245,13 +261,16 @@ class _Stream:
 def zip_shard(shard: ShardInfo, counts: MutableMapping[str, int]) -> Iterator[dict[str, dict[str, Any]]]:
     """Yield ``{field: raw sample}`` for the keys present in every field of a shard.
 
-    Merge-join on the order of the shard's done record: when heads disagree, the heads earliest in that
-    order (unknown keys first) are dropped and counted in ``counts["key_mismatch"]``. A tar that breaks
-    mid-way ends the shard (``counts["corrupted_shards"]``).
+    Merge-join on the order of the shard's done record (its first field's, read now): when heads
+    disagree, the heads earliest in that order (unknown keys first) are dropped and counted in
+    ``counts["key_mismatch"]``. A tar that breaks mid-way ends the shard (``counts["corrupted_shards"]``).
     """
-    order = {k: i for i, k in enumerate(shard.order)}
-    fields = list(shard.paths)
-    its = {f: _Stream(shard.paths[f]) for f in fields}
+    paths = shard.paths
+    fields = list(paths)
+    first = read_record(shard.record) or {}
+    videos = first.get("videos") if isinstance(first.get("videos"), list) else []
+    order = {str(v.get("id")): i for i, v in enumerate(videos) if isinstance(v, dict)}
+    its = {f: _Stream(paths[f]) for f in fields}
     heads = {f: its[f].next() for f in fields}
     while True:
         if any(h is None for h in heads.values()):

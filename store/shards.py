@@ -33,7 +33,8 @@ from store import atomic
 from store.claims import Claim
 from store.fields import OK
 from store.layout import Workspace
-from store.lineage import Lineage, UnitState, make_record, read_record, sha256_file, unit_state
+from store.index import RecordSummary
+from store.lineage import DONE, MISSING, STALE, Lineage, UnitState, make_record, read_record, sha256_file, stale_reasons
 
 SHARD_FORMAT = "shard-2"
 
@@ -131,26 +132,32 @@ class ShardWriter:
         return record
 
 
-def shard_problems(ws: Workspace, field: str, index: int, record: Mapping[str, Any], *,
-                   verify: bool = False) -> list[str]:
-    """What is wrong with a shard's tar given its record: absent, another size, (``verify``) another
-    checksum. Empty when the tar is the one the record describes."""
-    tar = ws.shard_tar(field, index)
+def check_shard(ws: Workspace, field: str, index: int, lineage: Lineage, summary: RecordSummary | None,
+                tar_size: int | None, *, verify: bool = False) -> UnitState:
+    """done / stale (with reasons) / missing of one field's shard from its record's summary and its
+    tar's size (``None``: absent). ``verify`` also compares the tar's sha256 with the record's."""
+    if summary is None:
+        return UnitState(MISSING)
+    if tar_size is None:
+        return UnitState(STALE, ["tar missing"])
+    if summary.bytes != tar_size:
+        return UnitState(STALE, [f"tar is {tar_size} bytes, its record says {summary.bytes}"])
+    if verify and summary.sha256 != sha256_file(ws.shard_tar(field, index)):
+        return UnitState(STALE, ["tar checksum differs from its record"])
+    if summary.fingerprint == lineage.fingerprint:
+        return UnitState(DONE)
+    record = read_record(ws.shard_record(field, index))  # only now: its lineage says why
+    return UnitState(STALE, stale_reasons((record or {}).get("lineage"), lineage), record)
+
+
+def shard_state(ws: Workspace, field: str, index: int, lineage: Lineage, *, verify: bool = False) -> UnitState:
+    """done / stale (with reasons) / missing of one field's shard, read from its files."""
+    record = read_record(ws.shard_record(field, index))
+    summary = RecordSummary.of(record, {}) if record is not None else None
     try:
-        size = tar.stat().st_size
+        size: int | None = ws.shard_tar(field, index).stat().st_size
     except FileNotFoundError:
-        return ["tar missing"]
-    if record.get("bytes") != size:
-        return [f"tar is {size} bytes, its record says {record.get('bytes')}"]
-    if verify and record.get("sha256") != sha256_file(tar):
-        return ["tar checksum differs from its record"]
-    return []
-
-
-def shard_state(ws: Workspace, field: str, index: int, lineage: Lineage, *, verify: bool = False,
-                record: Mapping[str, Any] | None = None) -> UnitState:
-    """done / stale (with reasons) / missing of one field's shard (``record``: already read)."""
-    rec = dict(record) if record is not None else read_record(ws.shard_record(field, index))
-    if rec is None:
-        return UnitState("missing")
-    return unit_state(rec, lineage, shard_problems(ws, field, index, rec, verify=verify))
+        size = None
+    state = check_shard(ws, field, index, lineage, summary, size, verify=verify)
+    state.record = record
+    return state

@@ -318,3 +318,43 @@ def test_crosstask_localization_and_search_from_the_cli(videos, extracted, check
     again = mcn("search", "the blue square", "--checkpoint", str(checkpoint), "--top", "2", *common)
     assert again.returncode == 0 and "embedded and saved" not in again.stderr
     assert (ws / "cache" / "search" / "index.json").stat().st_mtime_ns == index_mtime  # the cache was reused
+
+
+def test_damaged_shards_are_stale_not_skipped_and_run_config_is_written_once(extracted, tmp_path):
+    """A tar of another size than its record is stale: training refuses the features (it does not
+    silently train on fewer shards), status names it, extract redoes it. A same-size corruption is
+    found by `status --verify`. A run's resolved config is written at its creation only."""
+    ws, common = extracted
+    w = tmp_path / "damaged"
+    shutil.copytree(ws, w)
+    args = [c if c != str(ws) else str(w) for c in common]
+    tar = w / "features" / "audio" / "shard-000001.tar"
+    good = tar.read_bytes()
+    tar.write_bytes(good[:-1024])
+    status = mcn("status", *args)
+    line = next(x for x in status.stdout.splitlines() if x.startswith("extract   audio"))
+    assert "stale" in line and f"tar is {len(good) - 1024} bytes, its record says {len(good)}" in line
+    train = mcn("train", *args, "train.max_steps=1")
+    assert train.returncode == 1 and "the features are not current" in train.stderr
+    assert "shard 000001: audio: tar is" in train.stderr
+    redo = mcn("extract", *args)
+    assert redo.returncode == 0 and "written: video2d 0, video3d 0, audio 1, text 0" in redo.stdout
+    assert tar.read_bytes() == good
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    tar.write_bytes(bytes(flipped))
+    assert " done " in next(x for x in mcn("status", *args).stdout.splitlines() if x.startswith("extract   audio"))
+    verify = mcn("status", "--verify", *args)
+    line = next(x for x in verify.stdout.splitlines() if x.startswith("extract   audio"))
+    assert "stale" in line and "tar checksum differs from its record (1)" in line
+    assert mcn("extract", "--verify", *args).returncode == 0 and tar.read_bytes() == good
+
+    first = mcn("train", "--name", "once", *args, "train.max_steps=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = (w / "runs" / "once" / "config.yaml").read_bytes()
+    # max_steps and log_every do not change what the run learns: same run, resumed, config kept
+    more = mcn("train", "--name", "once", *args, "train.max_steps=2", "train.log_every=5")
+    assert more.returncode == 0 and "resumed from" in more.stderr, more.stderr[-2000:]
+    assert (w / "runs" / "once" / "config.yaml").read_bytes() == config
+    assert read_record(w / "runs" / "once" / "record.json")["step"] == 2
+    assert sorted(p.name for p in (w / "runs").iterdir() if p.name.startswith("once")) == ["once"]

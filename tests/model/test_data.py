@@ -13,6 +13,7 @@ from model.data import (
     DataConfig, Rates, VideoFeatures, add_counts, batches_per_epoch, build_clips, clip_rng, crop_audio,
     decode_video, empty_counts, make_loader, merge_span, merge_words, pool_video, shard_sequence,
 )
+from store.lineage import read_record
 from store.fields import FIELDS
 from store.layout import Workspace
 from store.reader import FeatureSet, open_features, zip_shard
@@ -180,7 +181,9 @@ def test_open_features_uses_done_records(feature_set) -> None:
     # shard 0: ok, no_audio usable; no_captions and failed not. Corruption is only seen when reading.
     assert [s.n_usable for s in shards] == [2, 4, 4, 4]
     assert features.n_usable == 14
-    assert shards[0].order == ["vid-00-00", *kinds["no_audio"], *kinds["no_captions"], *kinds["failed"]]
+    assert shards[0].record == features.ws.shard_record("video2d", 0)  # the order the zip follows
+    assert [v["id"] for v in read_record(shards[0].record)["videos"]] == \
+        ["vid-00-00", *kinds["no_audio"], *kinds["no_captions"], *kinds["failed"]]
     assert shards[2].paths == {f: features.ws.shard_tar(f, 2) for f in FIELDS}
     assert batches_per_epoch(shards, 2, 1, DataConfig()) == 7
     assert batches_per_epoch(shards, 4, 2, DataConfig()) == 1

@@ -4,6 +4,7 @@ lineage, and the safe reader."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -303,3 +304,95 @@ def test_reader_decodes_only_safe_members_and_bounds_npy_headers():
 ])
 def test_usable_video_rule(statuses, reason):
     assert unusable_reason(statuses) == reason and usable(statuses) == (reason is None)
+
+
+def test_record_index_reads_each_record_once_and_sees_replacements(tmp_path, monkeypatch):
+    import json
+
+    import store.index as index_mod
+    from store.index import field_records
+    from store.shards import ShardWriter, encode_json
+
+    ws = Workspace(tmp_path / "ws")
+    lineage = Lineage("c", "code", {})
+    for i in range(3):
+        w = ShardWriter(ws, "audio", i, lineage, {"extractor": "x", "rate": 100.0, "dim": 40})
+        w.add(f"v{i}", {"json": encode_json({})}, status="ok" if i else "no_audio", error=None if i else "silent")
+        w.commit()
+    reads: list[str] = []
+    real = index_mod.read_record
+    monkeypatch.setattr(index_mod, "read_record", lambda p: reads.append(Path(p).name) or real(p))
+    first = field_records(ws, "audio")
+    assert sorted(reads) == ["shard-000000.json", "shard-000001.json", "shard-000002.json"]
+    assert ws.field_index("audio").is_file()
+    assert first.records[0].problems == (("v0", "no_audio", "silent"),) and first.records[1].problems == ()
+    assert first.tar_sizes == {i: ws.shard_tar("audio", i).stat().st_size for i in range(3)}
+    assert first.records[2].bytes == first.tar_sizes[2] and json.loads(first.records[2].extractor)["rate"] == 100.0
+    reads.clear()
+    mtime = ws.field_index("audio").stat().st_mtime_ns
+    again = field_records(ws, "audio")
+    assert reads == [] and again.records == first.records  # nothing re-read, index not rewritten
+    assert ws.field_index("audio").stat().st_mtime_ns == mtime
+    w = ShardWriter(ws, "audio", 1, Lineage("c2", "code", {}), {"extractor": "x", "rate": 100.0, "dim": 40})
+    w.add("v1", {"json": encode_json({})}, status="failed", error="boom")
+    w.commit()  # a replaced record: new inode, read again
+    third = field_records(ws, "audio")
+    assert reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom"),)
+    assert third.records[1].fingerprint == Lineage("c2", "code", {}).fingerprint
+    ws.shard_record("audio", 2).unlink()
+    ws.field_index("audio").write_text("{not json")  # a damaged index is only a cache
+    reads.clear()
+    fourth = field_records(ws, "audio")
+    assert sorted(fourth.records) == [0, 1] and sorted(reads) == ["shard-000000.json", "shard-000001.json"]
+
+
+def test_the_index_and_the_layout_agree_on_shard_file_names():
+    from store.index import _shard_file
+
+    for name in ("shard-000123.tar", "shard-000123.json", "shard-1234567.tar", "shard-00012.tar", "shard-abcdef.json",
+                 "shard-000123.tar.tmp-x", ".shard-000123.json", "shard-000123.jsonl", "shard-٠١٢٣٤٥.tar",
+                 "shard-000123json", "x-000123.tar"):
+        for suffix in ("tar", "json"):
+            assert _shard_file(name, "." + suffix) == shard_index(name, suffix), (name, suffix)
+
+
+def test_record_index_trusts_a_settled_folder_but_always_checks_tar_sizes(tmp_path, monkeypatch):
+    """While a field's folder is unchanged (and was settled when listed), records are not stat'ed one
+    by one; the tars always are; a record replaced by rename changes the folder and is seen."""
+    import store.index as index_mod
+    from store.index import field_records
+    from store.shards import ShardWriter, encode_json
+
+    ws = Workspace(tmp_path / "ws")
+    lineage = Lineage("c", "code", {})
+
+    def write(i: int, status: str = "ok") -> None:
+        w = ShardWriter(ws, "video2d", i, lineage, {"extractor": "x", "rate": 1.0, "dim": 4})
+        w.add(f"v{i}", {"json": encode_json({})}, status=status, error=None if status == "ok" else "boom")
+        w.commit()
+
+    for i in range(2):
+        write(i)
+    folder = ws.field_dir("video2d")
+    old = time.time() - 60
+    os.utime(folder, (old, old))  # settled: last changed a minute ago
+    field_records(ws, "video2d")  # indexes, and records the folder as settled
+    assert json.loads(ws.field_index("video2d").read_text())["folder"] is not None
+    reads: list[str] = []
+    real = index_mod.read_record
+    monkeypatch.setattr(index_mod, "read_record", lambda p: reads.append(Path(p).name) or real(p))
+    stats: list = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(index_mod.os, "scandir", lambda *a: stats.append(a) or real_scandir(*a))
+    tar = ws.shard_tar("video2d", 1)
+    with open(tar, "r+b") as fh:  # truncated in place: the folder does not change
+        fh.truncate(tar.stat().st_size - 512)
+    os.utime(folder, (old, old))
+    again = field_records(ws, "video2d")
+    assert stats == [] and reads == []  # no listing, no record read
+    assert again.tar_sizes[1] == tar.stat().st_size != again.records[1].bytes  # the size check still sees it
+    write(1, "failed")  # replaced by rename: the folder changed
+    third = field_records(ws, "video2d")
+    assert stats and reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom"),)
+    # listed within RACY_S of its last change: not trusted next time
+    assert json.loads(ws.field_index("video2d").read_text())["folder"] is None
