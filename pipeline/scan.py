@@ -1,11 +1,34 @@
-"""`scan`: walk a videos folder into the manifest, the shard plan and per-shard caption files."""
+"""`scan`: walk a videos folder into the manifest, the shard plan and per-shard caption files.
+
+Nothing in a videos folder stops a scan: every input that cannot be used ends as a one-line reason in
+the scan's output, and the scan goes on and writes its manifest.
+
+- A video that cannot be used is a manifest record with ``status: "failed"`` and its ``error``: a
+  file name that is not valid UTF-8 (``file name is not valid UTF-8 (byte 0xe9 at offset 3 of the
+  path): rename it``; its ``path`` is the name's bytes with ``\\xNN`` escapes, its id is made from
+  the bytes), a second path to the same file (``same file as <path>``), a name that differs from
+  another only by its extension (``same name as <path> (only the extension differs): ...``), an
+  ffprobe failure or timeout (``ffprobe timed out after N s``), unusable captions (``captions:
+  ...``, e.g. a side-car over ``max_caption_bytes``).
+- A problem that leaves the video usable is one of its ``warnings`` (no captions; an entry of the
+  captions file that is malformed, whose captions are then ignored; captions dropped or clipped).
+- What the walk does not follow or cannot read is listed in ``skipped`` (scan record and
+  :class:`ScanResult`) as ``[relative path, reason]``: folder symlinks whose target leaves the videos
+  root or was walked already (a loop), broken symlinks, folders that cannot be listed.
+- A probe that timed out is not cached and is named in the record's ``retry`` list: the scan is
+  stale until a later scan has probed it again.
+
+A killed scan leaves either the previous complete scan or no scan record at all (the record is
+removed, durably, before any output is rewritten, and written last).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
+import stat
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +43,11 @@ from pipeline.captions import (
     read_caption_file,
     read_sidecar,
 )
-from pipeline.probe import ProbeError, probe_video
+from pipeline.probe import ProbeError, kill_group, probe_video
 from pipeline.runner import Workers, run_unit
 from store import atomic
 from store.claims import Claim
-from store.ids import video_id
+from store.ids import extension_id, video_id
 from store.layout import Workspace
 from store.lineage import RUNTIME, Lineage, UnitState, config_dict, fingerprint, make_record, read_record, unit_state
 from store.manifest import (
@@ -40,7 +63,7 @@ from store.manifest import (
 )
 
 #: Version of the scan's output in its lineage: bump it when a change alters the manifest or captions.
-SCAN_VERSION = "scan-2"
+SCAN_VERSION = "scan-3"
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +73,10 @@ class ScanConfig:
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".avi", ".mov"])
     shard_size: int = 64  # videos per shard (fixed at the first scan; later scans keep the plan)
     probe_workers: int = field(default=8, metadata=RUNTIME)  # concurrent ffprobe processes
-    probe_timeout_s: float = field(default=120.0, metadata=RUNTIME)
+    probe_timeout_s: float = field(default=120.0, metadata=RUNTIME)  # ffprobe is killed after this
     captions_file: str | None = None  # HowTo100M-style JSON/CSV: video id or stem → captions
     caption_encodings: list[str] = field(default_factory=list)  # fallbacks when a file is not UTF-8
+    max_caption_bytes: int = 16 * 1024 * 1024  # a larger side-car caption file fails its video
 
 
 @dataclass
@@ -64,47 +88,203 @@ class ScanResult:
     n_probed: int  # probes actually run (the rest came from the cache)
     failures: list[tuple[str, str]]
     up_to_date: bool = False  # the scan was done for exactly these files and config: nothing was written
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason): not walked
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "ScanResult":
         return cls(n_videos=record["n_videos"], n_ok=record["n_ok"], n_failed=record["n_failed"],
                    n_shards=record["n_shards"], n_probed=0,
-                   failures=[(str(p), str(w)) for p, w in record.get("failures", [])], up_to_date=True)
+                   failures=[(str(p), str(w)) for p, w in record.get("failures", [])], up_to_date=True,
+                   skipped=[(str(p), str(w)) for p, w in record.get("skipped", [])])
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+
+
+def display_path(rel: str) -> str:
+    """``rel`` as it is recorded (JSON/UTF-8-writable): bytes that are not UTF-8 become ``\\xNN``."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def name_problem(rel: str) -> str | None:
+    """The reason a relative path cannot be used as a name (not valid UTF-8), None when it can."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    data = os.fsencode(rel)
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as exc:
+        where = "file" if data.rfind(b"/") < exc.start else "folder"
+        return (f"{where} name is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start} of the "
+                "path): rename it")
+
+
+def one_line(text: str) -> str:
+    """A reason as one line: control characters (newlines in file names...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _suffix(name: str) -> str:
+    """The extension of a file name, lower-cased (``PurePosixPath.suffix`` rules)."""
+    i = name.rfind(".")
+    return name[i:].lower() if 0 < i < len(name) - 1 else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The walk
+
+
+@dataclass
+class Walk:
+    """What :func:`walk_videos` found under a videos root."""
+
+    paths: list[str]  # relative POSIX paths of the video files, sorted (str with surrogate escapes)
+    skipped: list[tuple[str, str]]  # (relative path, reason) of what was not walked, sorted
+    links: set[str] = field(default_factory=set)  # the video paths that are symlinks themselves
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def walk_videos(root: Path, extensions: list[str]) -> Walk:
+    """Walk ``root`` for files with one of ``extensions`` (any case); hidden names are ignored.
+
+    Real folders are walked first; then folder symlinks, in path order, are followed only while their
+    target (resolved) stays inside the resolved root and was not walked yet (folders are known by
+    ``(st_dev, st_ino)``), so loops and repeated folders are walked once. Every folder symlink not
+    followed, broken symlink and unreadable folder is in ``skipped``. File symlinks are videos
+    wherever they point (symlink farms); a broken one with a video extension is listed as a video
+    (its probe records why it cannot be used).
+    """
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    root_real = os.path.realpath(root)
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    links: set[str] = set()
+    visited: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of every folder walked → its path
+    folder_links: list[tuple[str, str]] = []  # (relative path, absolute path) of folder symlinks seen
+
+    def walk_tree(rel_top: str, abs_top: str) -> None:
+        stack = [(rel_top, abs_top)]
+        while stack:
+            rel_dir, abs_dir = stack.pop()
+            try:
+                with os.scandir(abs_dir) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                skipped.append((rel_dir or ".", f"cannot list folder ({exc.strerror or exc})"))
+                continue
+            subdirs: list[tuple[str, str]] = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                try:
+                    is_link = e.is_symlink()
+                    # a stat call for symlinks and folders only (files are known from the listing)
+                    st = os.stat(e.path) if is_link else (e.stat(follow_symlinks=False)
+                                                          if e.is_dir(follow_symlinks=False) else None)
+                except OSError as exc:
+                    if _suffix(e.name) in exts:
+                        found.append(rel)  # a broken link named like a video: its probe says why
+                        if is_link:
+                            links.add(rel)
+                    else:
+                        why = "broken symlink" if is_link else f"cannot stat ({exc.strerror})"
+                        skipped.append((rel, why))
+                    continue
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    if is_link:
+                        folder_links.append((rel, e.path))
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key in visited:  # a bind mount, or a folder walked through a symlink before
+                        skipped.append((rel, f"folder already walked (as {display_path(visited[key])})"))
+                        continue
+                    visited[key] = rel
+                    subdirs.append((rel, e.path))
+                elif _suffix(e.name) in exts:
+                    found.append(rel)
+                    if is_link:
+                        links.add(rel)
+            stack.extend(reversed(subdirs))
+
+    try:
+        st = os.stat(root)
+        visited[(st.st_dev, st.st_ino)] = "."
+    except OSError:
+        pass
+    walk_tree("", str(root))
+    while folder_links:
+        folder_links.sort()
+        rel, link = folder_links.pop(0)
+        try:
+            target = os.path.realpath(link)
+            st = os.stat(link)
+        except OSError:
+            skipped.append((rel, "broken symlink"))
+            continue
+        if not _within(target, root_real):
+            skipped.append((rel, "symlink to a folder outside the videos root"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            parent = os.path.realpath(os.path.dirname(link))
+            if _within(parent, target):
+                skipped.append((rel, "symlink to a folder already walked (loop)"))
+            else:
+                skipped.append((rel, f"symlink to a folder already walked (as {display_path(visited[key])})"))
+            continue
+        visited[key] = rel
+        walk_tree(rel, target)
+    return Walk(paths=sorted(found), skipped=sorted(skipped), links=links)
 
 
 def find_videos(root: Path, extensions: list[str]) -> list[str]:
-    """Relative POSIX paths of the video files under `root`, sorted."""
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in exts:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+    """Relative POSIX paths of the video files under `root`, sorted (see :func:`walk_videos`)."""
+    return walk_videos(root, extensions).paths
 
 
 def find_sidecar(video: Path) -> Path | None:
+    """The side-car caption file of ``video`` (same stem, ``.srt``/``.vtt``/``.json``, either case)."""
     for suffix in SIDECAR_SUFFIXES:
         for cand in (video.with_suffix(suffix), video.with_suffix(suffix.upper())):
-            if cand.is_file():
-                return cand
+            try:
+                if cand.is_file():
+                    return cand
+            except OSError:  # e.g. a 255-byte video name whose ".json" side-car name is too long
+                continue
     return None
 
 
 class ProbeCache:
-    """Append-only JSONL of probe results keyed by (path, size, mtime); tolerates a torn last line."""
+    """Append-only JSONL of probe results keyed by (path, size, mtime); tolerates a torn last line.
+    Only definite results are cached: a probe that timed out is tried again by the next scan."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, dict] = {}
         if path.exists():
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     try:
                         item = json.loads(line)
+                        if not item.get("ok") and str(item.get("error", "")).startswith("ffprobe timed out"):
+                            continue  # cached by scans before scan-3: a timeout says nothing of the file
                         self.entries[item["key"]] = item
-                    except (json.JSONDecodeError, KeyError):
+                    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                         continue
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(path, "a", encoding="utf-8")
@@ -121,7 +301,7 @@ class ProbeCache:
         return self.entries.get(key) if key else None
 
     def put(self, key: str | None, item: dict) -> None:
-        if key is None:
+        if key is None or item.get("transient"):
             return
         item = {"key": key, **item}
         self.entries[key] = item
@@ -132,15 +312,55 @@ class ProbeCache:
         self._fh.close()
 
 
-def _probe_one(abs_path: Path) -> dict:
+class _Running:
+    """The ffprobe processes of one :func:`probe_all`, killed all at once when it is interrupted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[Any] = set()
+        self._closed = False
+
+    def add(self, proc: Any) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            closed = self._closed
+        if closed:
+            kill_group(proc)
+
+    def discard(self, proc: Any) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            procs = list(self._procs)
+        for proc in procs:
+            kill_group(proc)
+
+
+def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None) -> dict:
+    """``{"ok": True, "info": fields}`` or ``{"ok": False, "error": reason}``, with ``"transient":
+    True`` for a failure of this run only (timeout, ffprobe not runnable, an unexpected error)."""
     try:
-        return {"ok": True, "info": probe_video(abs_path)}
+        return {"ok": True, "info": probe_video(abs_path, timeout=timeout, running=running)}
     except ProbeError as exc:
-        return {"ok": False, "error": str(exc)}
+        item: dict[str, Any] = {"ok": False, "error": str(exc)}
+        if not exc.cacheable:
+            item["transient"] = True
+        return item
+    except Exception as exc:  # a bug or an odd file must cost that file only, never the scan
+        logger.exception("scan: probing %s failed", display_path(str(abs_path)))
+        return {"ok": False, "error": f"probe failed ({type(exc).__name__}: {exc})", "transient": True}
 
 
 def probe_all(root: Path, paths: list[str], cache: ProbeCache, cfg: ScanConfig, progress: bool) -> tuple[dict[str, dict], int]:
-    """Probe every path (cached ones skipped) with a thread pool and a per-file timeout."""
+    """Probe every path (cached ones skipped) with a thread pool, at most ``probe_workers`` at once.
+
+    Each ffprobe is killed after ``probe_timeout_s`` (:func:`pipeline.probe.run_ffprobe`), so every
+    thread ends; the pool is shut down with all its threads joined, also when interrupted (the running
+    ffprobe processes are killed first). Returns (results by path, number of probes run).
+    """
     results: dict[str, dict] = {}
     todo: list[tuple[str, str | None]] = []
     for rel in paths:
@@ -151,30 +371,29 @@ def probe_all(root: Path, paths: list[str], cache: ProbeCache, cfg: ScanConfig, 
         else:
             todo.append((rel, key))
     bar = tqdm(total=len(paths), initial=len(results), desc="scan", unit="video", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=max(1, cfg.probe_workers))
-    running: dict[Future, tuple[str, str | None, float]] = {}
+    n_workers = max(1, cfg.probe_workers)
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe")
+    running = _Running()
+    pending: dict[Future, tuple[str, str | None]] = {}
     queue = list(reversed(todo))
+    finished = False
     try:
-        while queue or running:
-            while queue and len(running) < max(1, cfg.probe_workers):
+        while queue or pending:
+            while queue and len(pending) < n_workers:
                 rel, key = queue.pop()
-                running[pool.submit(_probe_one, root / rel)] = (rel, key, time.monotonic())
-            done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-            now = time.monotonic()
-            for fut in list(running):
-                rel, key, started = running[fut]
-                if fut in done:
-                    item = fut.result()
-                elif now - started > cfg.probe_timeout_s:
-                    item = {"ok": False, "error": f"ffprobe timed out after {cfg.probe_timeout_s:.0f} s"}
-                else:
-                    continue
-                del running[fut]
+                pending[pool.submit(_probe_one, root / rel, cfg.probe_timeout_s, running)] = (rel, key)
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                rel, key = pending.pop(fut)
+                item = fut.result()
                 results[rel] = item
                 cache.put(key, item)
                 bar.update(1)
+        finished = True
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if not finished:
+            running.kill_all()
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return results, len(todo)
 
@@ -198,16 +417,37 @@ def _plan_shards(records: list[VideoRecord], previous: dict[str, int], shard_siz
         counts[next_shard] = counts.get(next_shard, 0) + 1
 
 
-def list_inputs(root: Path, cfg: ScanConfig) -> tuple[list[str], list[list[Any]]]:
-    """The video files under ``root`` and the identity of each with its side-car captions:
-    ``[path, size, mtime_ns, side-car name or None, its size, its mtime_ns]`` (stat calls only)."""
-    paths = find_videos(root, cfg.extensions)
+@dataclass
+class Inputs:
+    """The walk of a videos root with the identity of every input (stat calls only)."""
+
+    paths: list[str]  # the video files, relative, sorted (str with surrogate escapes)
+    listing: list[list[Any]]  # what the scan's lineage fingerprints (see list_inputs)
+    stats: dict[str, tuple[int | None, int | None]]  # path → (size, mtime_ns); None: cannot be stat'ed
+    same_file: dict[str, str]  # path → the recorded path of the same file, which is scanned instead
+    skipped: list[tuple[str, str]]  # (recorded path, reason) of what the walk did not follow
+
+
+def read_inputs(root: Path, cfg: ScanConfig) -> Inputs:
+    """Walk ``root`` (:func:`walk_videos`) and stat every video and side-car once.
+
+    Two paths of the same file (``st_dev``, ``st_ino``: symlinks, hard links, a folder reached twice)
+    are scanned once: by the first path that is not a symlink, else the first path."""
+    walk = walk_videos(root, cfg.extensions)
     listing: list[list[Any]] = []
-    for rel in paths:
+    stats: dict[str, tuple[int | None, int | None]] = {}
+    first: dict[int, str] = {}
+    groups: dict[int, list[str]] = {}
+    for rel in walk.paths:
         entry: list[Any] = [rel, None, None, None, None, None]
         try:
-            st = (root / rel).stat()
+            st = os.stat(os.path.join(root, rel))
             entry[1:3] = [st.st_size, st.st_mtime_ns]
+            ident = (st.st_dev << 64) | st.st_ino
+            if ident in first:
+                groups.setdefault(ident, [first[ident]]).append(rel)
+            else:
+                first[ident] = rel
         except OSError:
             pass
         sidecar = find_sidecar(root / rel)
@@ -218,7 +458,22 @@ def list_inputs(root: Path, cfg: ScanConfig) -> tuple[list[str], list[list[Any]]
             except OSError:
                 pass
         listing.append(entry)
-    return paths, listing
+        stats[rel] = (entry[1], entry[2])
+    listing.extend([rel, why] for rel, why in walk.skipped)
+    same_file: dict[str, str] = {}
+    for group in groups.values():
+        keep = min(group, key=lambda r: (r in walk.links, r))
+        same_file.update((r, display_path(keep)) for r in group if r != keep)
+    return Inputs(paths=walk.paths, listing=listing, stats=stats, same_file=same_file,
+                  skipped=[(display_path(rel), one_line(why)) for rel, why in walk.skipped])
+
+
+def list_inputs(root: Path, cfg: ScanConfig) -> tuple[list[str], list[list[Any]]]:
+    """The video files under ``root`` and the identity of the walk: one row per video with its
+    side-car captions, ``[path, size, mtime_ns, side-car name or None, its size, its mtime_ns]``, then
+    one row ``[path, reason]`` per thing the walk skipped (stat calls only)."""
+    inputs = read_inputs(root, cfg)
+    return inputs.paths, inputs.listing
 
 
 def _file_stat(path: str | None) -> list[Any] | None:
@@ -233,8 +488,8 @@ def _file_stat(path: str | None) -> list[Any] | None:
 
 def scan_lineage(root: Path, cfg: ScanConfig, listing: list[list[Any]] | None) -> Lineage:
     """Config (without runtime settings), code, and inputs: the videos root, the identity of every
-    video file and side-car (``listing``; None: not walked, only the config is compared) and of the
-    captions file."""
+    video file and side-car and of what the walk skipped (``listing``; None: not walked, only the
+    config is compared) and of the captions file."""
     inputs = {"videos_root": fingerprint(str(root)), "captions_file": fingerprint(_file_stat(cfg.captions_file))}
     if listing is not None:
         inputs["videos"] = fingerprint(listing)
@@ -242,7 +497,8 @@ def scan_lineage(root: Path, cfg: ScanConfig, listing: list[list[Any]] | None) -
 
 
 def scan_state(ws: Workspace, root: Path, cfg: ScanConfig, listing: list[list[Any]] | None) -> UnitState:
-    """done / stale / missing of the scan of ``root`` into ``ws`` (``listing``: see :func:`scan_lineage`)."""
+    """done / stale / missing of the scan of ``root`` into ``ws`` (``listing``: see :func:`scan_lineage`).
+    A scan whose record names probes to retry (ffprobe timed out) is stale."""
     record = read_record(ws.scan_record)
     lineage = scan_lineage(root, cfg, listing)
     problems: list[str] = []
@@ -259,6 +515,9 @@ def scan_state(ws: Workspace, root: Path, cfg: ScanConfig, listing: list[list[An
             problems.append("manifest missing or changed since the scan")
         elif not {s["index"] for s in record.get("shards", [])} <= set(ws.caption_shards()):
             problems.append("caption files missing")
+        if record.get("retry"):
+            problems.append(f"{len(record['retry'])} video(s) to probe again "
+                            "(ffprobe timed out or could not run)")
     return unit_state(record, lineage, problems)
 
 
@@ -268,80 +527,121 @@ def scan(videos_root: Path, ws: Workspace, cfg: ScanConfig, *, force: bool = Fal
 
     The folder is walked (stat calls only) every time; when the files, their side-cars, the captions
     file and the config are the ones of the last scan, nothing is probed and nothing is written.
+    What is recorded for every kind of bad input is described in the module's docstring.
     """
     root = Path(videos_root).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"videos folder {root} does not exist or is not a folder")
     ws.root.mkdir(parents=True, exist_ok=True)
-    paths, listing = list_inputs(root, cfg)
+    inputs = read_inputs(root, cfg)
     workers = workers or Workers(ws)
 
     def work(claim: Claim, st: UnitState) -> ScanResult:
         if not st.done:
             logger.info("scan: %s", "; ".join(st.reasons) if st.status == "stale" else "first scan")
-        workers.sweep()
-        return _scan(root, ws, cfg, listing, scan_lineage(root, cfg, listing), force=force, progress=progress,
-                     claim=claim)
+        return _scan(root, ws, cfg, inputs, scan_lineage(root, cfg, inputs.listing), force=force,
+                     progress=progress, claim=claim)
 
-    st, result = run_unit(workers, "scan", lambda: scan_state(ws, root, cfg, listing), work, force=force)
+    st, result = run_unit(workers, "scan", lambda: scan_state(ws, root, cfg, inputs.listing), work,
+                          force=force)
     if result is None:
-        logger.info("scan: %d video files under %s, unchanged since the last scan", len(paths), root)
+        logger.info("scan: %d video files under %s, unchanged since the last scan", len(inputs.paths), root)
         return ScanResult.from_record(st.record or {})
     return result
 
 
-def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], lineage: Lineage, *,
+def _previous_plan(ws: Workspace) -> dict[str, int]:
+    """id → shard of the manifest on disk (empty when there is none or it cannot be read)."""
+    try:
+        return {r.id: r.shard for r in iter_manifest(ws.manifest)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.warning("scan: the previous manifest cannot be read (%s): planning the shards anew", exc)
+        return {}
+
+
+def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: Lineage, *,
           force: bool, progress: bool, claim: Claim) -> ScanResult:
-    paths = [entry[0] for entry in listing]
-    stats = {entry[0]: entry[1:3] for entry in listing}
+    paths, stats = inputs.paths, inputs.stats
     if force and ws.probe_cache.exists():
         ws.probe_cache.unlink()
-    previous: dict[str, int] = {}
-    if ws.manifest.exists() and not force:
-        previous = {r.id: r.shard for r in iter_manifest(ws.manifest)}
+    previous = {} if force else _previous_plan(ws)
 
     caption_map: dict[str, list[Caption]] = {}
+    caption_errors: dict[str, str] = {}
     caption_file_error: str | None = None
     if cfg.captions_file:
         try:
-            caption_map = read_caption_file(Path(cfg.captions_file), tuple(cfg.caption_encodings))
+            caption_map = read_caption_file(Path(cfg.captions_file), tuple(cfg.caption_encodings),
+                                            errors=caption_errors)
         except (CaptionError, OSError) as exc:
             caption_file_error = str(exc)
             logger.error("captions file %s unusable: %s", cfg.captions_file, exc)
 
     logger.info("scan: %d video files under %s", len(paths), root)
+    for rel, why in inputs.skipped:
+        logger.warning("scan: skipped %s: %s", one_line(rel), why)
+
+    # Ids and the failures known before probing. The first path of a plain id keeps it; the others
+    # (same path but for the extension) get the disambiguated id, which no plain id can equal.
+    records: list[VideoRecord] = []
+    by_plain: dict[str, str] = {}
+    to_probe: list[str] = []
+    rel_of: dict[int, str] = {}
+    for rel in paths:
+        shown = display_path(rel)
+        size, mtime = stats[rel]
+        vid = video_id(rel)
+        rec = VideoRecord(id=vid, path=shown, size=size or 0, mtime_ns=mtime or 0)
+        records.append(rec)
+        rel_of[id(rec)] = rel
+        reason = name_problem(rel)
+        if vid in by_plain:
+            rec.id = extension_id(rel)
+            reason = reason or (f"same name as {by_plain[vid]} (only the extension differs): id and captions "
+                                "would be ambiguous")
+        else:
+            by_plain[vid] = shown
+        if reason is None and rel in inputs.same_file:
+            reason = f"same file as {inputs.same_file[rel]}"
+        if reason is not None:
+            rec.fail(reason)
+        else:
+            to_probe.append(rel)
+
     cache = ProbeCache(ws.probe_cache)
     try:
-        probes, n_probed = probe_all(root, paths, cache, cfg, progress)
+        probes, n_probed = probe_all(root, to_probe, cache, cfg, progress)
     finally:
         cache.close()
 
-    records: list[VideoRecord] = []
-    captions: dict[str, list[Caption]] = {}
-    seen: dict[str, str] = {}
-    for rel in paths:
-        vid = video_id(rel)
-        rec = VideoRecord(id=vid, path=rel, size=stats[rel][0] or 0, mtime_ns=stats[rel][1] or 0)
-        records.append(rec)
-        if vid in seen:
-            # Keep ids unique: the loser's id also encodes its extension (still injective).
-            rec.id = video_id(rel + ".x")
-            rec.fail(f"same name as {seen[vid]} (only the extension differs): id and captions would be ambiguous")
+    captions: dict[int, list[Caption]] = {}
+    retry: list[str] = []
+    for rec in records:
+        if not rec.ok:
             continue
-        seen[vid] = rel
+        rel = rel_of[id(rec)]
         probe = probes[rel]
         if not probe["ok"]:
             rec.fail(probe["error"])
+            if probe.get("transient"):
+                retry.append(rec.path)
             continue
         for k, v in probe["info"].items():
             setattr(rec, k, v)
         try:
-            caps, source = _captions_for(root / rel, rel, vid, caption_map, cfg, caption_file_error)
+            caps, source, warning = _captions_for(root / rel, rel, rec.id, caption_map, caption_errors, cfg,
+                                                  caption_file_error)
         except CaptionError as exc:
             rec.fail(f"captions: {exc}")
             continue
+        except Exception as exc:  # a caption file must cost its video only, never the scan
+            logger.exception("scan: reading the captions of %s failed", rec.path)
+            rec.fail(f"captions: unexpected error ({type(exc).__name__}: {exc})")
+            continue
         if caps is None:
-            rec.warnings.append("no captions found (side-car .srt/.vtt/.json or captions file)")
+            rec.warnings.append(warning or "no captions found (side-car .srt/.vtt/.json or captions file)")
             continue
         try:
             kept, warns = clean_captions(caps, rec.duration, source)
@@ -350,16 +650,24 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], 
             continue
         rec.caption_source, rec.n_captions = source, len(kept)
         rec.warnings.extend(warns)
-        captions[vid] = kept
+        captions[id(rec)] = kept
+
+    _unique_ids(records, rel_of, captions)
+    for rec in records:  # every reason is one line, whatever the file names hold
+        if rec.error is not None:
+            rec.error = one_line(rec.error)
+        rec.warnings = [one_line(w) for w in rec.warnings]
 
     _plan_shards(records, previous, cfg.shard_size)
     records.sort(key=lambda r: (r.shard, r.path))
     shards = group_by_shard(records)
-    items = {index: [(r.id, captions.get(r.id, [])) for r in recs] for index, recs in shards.items()}
+    items = {index: [(r.id, captions.get(id(r), [])) for r in recs] for index, recs in shards.items()}
     claim.verify()
-    # Outputs first (each only if its content changed), the record last: a scan killed midway leaves a
-    # record that no longer matches its outputs, i.e. a stale scan, which the next run redoes.
+    # The record first goes (durably), then the outputs are written (each only if its content
+    # changed), the record last: a scan killed midway leaves no record (the next run redoes the scan),
+    # never a record beside outputs it does not describe.
     ws.scan_record.unlink(missing_ok=True)
+    atomic.fsync_dir(ws.root)
     write_manifest(ws.manifest, records)
     ws.captions_dir.mkdir(parents=True, exist_ok=True)
     for index, its in items.items():
@@ -369,7 +677,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], 
             ws.captions(stale).unlink()
     failures = [(r.path, r.error or "") for r in records if not r.ok]
     for rel, why in failures:
-        logger.warning("scan: %s: %s", rel, why)
+        logger.warning("scan: %s: %s", one_line(rel), why)
     result = ScanResult(
         n_videos=len(records),
         n_ok=len(records) - len(failures),
@@ -377,6 +685,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], 
         n_shards=len(shards),
         n_probed=n_probed,
         failures=failures,
+        skipped=list(inputs.skipped),
     )
     plan = [plan_shard(index, recs, items[index]).to_json() for index, recs in shards.items()]
     text = manifest_text(records)
@@ -384,7 +693,8 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], 
         "scan", lineage,
         videos_root=str(root), n_videos=result.n_videos, n_ok=result.n_ok, n_failed=result.n_failed,
         n_shards=result.n_shards, shard_size=cfg.shard_size, captions_file=cfg.captions_file,
-        captions_file_error=caption_file_error, failures=[list(f) for f in failures], shards=plan,
+        captions_file_error=caption_file_error, failures=[list(f) for f in failures],
+        skipped=[list(s) for s in inputs.skipped], retry=sorted(retry), shards=plan,
         manifest_bytes=len(text.encode("utf-8")),
         output=fingerprint(text, [captions_text(items[i]) for i in sorted(items)]),
     )
@@ -392,21 +702,61 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, listing: list[list[Any]], 
     return result
 
 
+def _unique_ids(records: list[VideoRecord], rel_of: dict[int, str],
+                captions: dict[int, list[Caption]]) -> None:
+    """The check behind the construction: an id held by two records stays with the record whose id
+    is the plain id of its path (else an ok one, else the first); every other holder is failed with a
+    reason naming the keeper (or keeps its own failure, with a warning) and gets an id that no id
+    function makes (``<id>-x--<n>``), unique in this manifest."""
+    holders: dict[str, list[VideoRecord]] = {}
+    for rec in records:
+        holders.setdefault(rec.id, []).append(rec)
+    used = set(holders)
+    for vid, recs in holders.items():
+        if len(recs) < 2:
+            continue
+        order = {id(r): i for i, r in enumerate(recs)}
+        recs = sorted(recs, key=lambda r: (r.id != video_id(rel_of[id(r)]), not r.ok, order[id(r)]))
+        keeper = recs[0]
+        for rec in recs[1:]:
+            n = 1
+            while f"{vid}-x--{n}" in used:
+                n += 1
+            rec.id = f"{vid}-x--{n}"
+            used.add(rec.id)
+            why = f"id {vid} is also the id of {keeper.path}"
+            logger.error("scan: %s: %s", one_line(rec.path), why)
+            if rec.ok:
+                rec.fail(why)
+                captions.pop(id(rec), None)
+                rec.caption_source, rec.n_captions = None, 0
+            else:
+                rec.warnings.append(f"{why}: given the id {rec.id}")
+
+
 def _captions_for(
     abs_path: Path,
     rel: str,
     vid: str,
     caption_map: dict[str, list[Caption]],
+    caption_errors: dict[str, str],
     cfg: ScanConfig,
     caption_file_error: str | None,
-) -> tuple[list[Caption] | None, str]:
+) -> tuple[list[Caption] | None, str, str | None]:
+    """``(captions or None, their source, warning)``: the entry of the captions file (by id, path,
+    path without extension or stem), else the side-car file. A malformed entry of the captions file
+    gives no captions and a warning naming it; a side-car over ``max_caption_bytes`` or unusable, or
+    an unusable captions file and no side-car, raise CaptionError."""
     stem = Path(rel).stem
     for key in (vid, rel, str(Path(rel).with_suffix("")), stem):
         if key in caption_map:
-            return caption_map[key], f"{Path(cfg.captions_file or '').name}[{key}]"
+            return caption_map[key], f"{Path(cfg.captions_file or '').name}[{key}]", None
+        if key in caption_errors:
+            return None, "", f"captions: {caption_errors[key]} (entry ignored: no captions for this video)"
     sidecar = find_sidecar(abs_path)
     if sidecar is not None:
-        return read_sidecar(sidecar, tuple(cfg.caption_encodings)), Path(rel).with_name(sidecar.name).as_posix()
+        caps = read_sidecar(sidecar, tuple(cfg.caption_encodings), cfg.max_caption_bytes)
+        return caps, Path(rel).with_name(sidecar.name).as_posix(), None
     if caption_file_error:
         raise CaptionError(caption_file_error)
-    return None, ""
+    return None, "", None

@@ -68,3 +68,9 @@ def scan_tree(tmp_path_factory) -> Path:
     shutil.copy(base, root / "twin.mp4")
     shutil.copy(base, root / "twin.mov")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory) -> Path:
+    """A 64x48, 1 s h264 + aac video to copy into test trees (copies: links to one file are one video)."""
+    return ffmpeg_video(tmp_path_factory.mktemp("tiny") / "tiny.mp4", seconds=1.0)

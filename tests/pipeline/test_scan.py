@@ -39,6 +39,10 @@ def test_same_stem_in_two_folders_and_odd_names(scanned):
     assert a1.caption_source == "cooking/a.vtt" and a2.caption_source == "other/a.json"
     odd = records["my clip.v2 ünï.mp4"]
     assert odd.status == "ok" and "." not in odd.id and " " not in odd.id
+    # same stem, other extension: the second gets the disambiguated id, which no plain id can equal
+    assert records["twin.mov"].id == "twin" and records["twin.mp4"].id == "twin-xmp4"
+    ids = [r.id for r in records.values()]
+    assert len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +91,7 @@ def test_shard_plan_and_captions_files(scanned):
     assert [p["index"] for p in summary["shards"]] == [0, 1, 2, 3]
     assert [p["n_videos"] for p in summary["shards"]] == [sum(r.shard == s for r in recs) for s in range(4)]
     assert summary["manifest_bytes"] == ws.manifest.stat().st_size
+    assert summary["skipped"] == [] and result.skipped == [] and summary["retry"] == []
 
 
 def _files(ws: Workspace) -> dict[str, tuple[int, int]]:
@@ -146,7 +151,7 @@ def test_dangling_link_is_recorded(tmp_path, scan_tree):
     ws = Workspace(tmp_path / "ws")
     result = scan(root, ws, ScanConfig(), progress=False)
     recs = {r.path: r for r in read_manifest(ws.manifest)}
-    assert recs["gone.mp4"].error.startswith("cannot stat file")
+    assert recs["gone.mp4"].error == "cannot stat file (No such file or directory)"
     assert recs["ok.mp4"].status == "ok" and result.n_ok == 1
 
 
