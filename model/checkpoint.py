@@ -7,6 +7,10 @@ Two formats are read by :func:`load_mcn`:
 - ours: ``{"model": state_dict, "mcn_config": asdict(MCNConfig), ...training state}``.
 
 Everything is read with ``torch.load(weights_only=True)``: no pickle of arbitrary objects.
+
+No checkpoint ever holds a non-finite value: :func:`save_model_checkpoint` checks every floating
+tensor it is given (model parameters and buffers, optimizer state, k-means state, ...) and raises
+:class:`NonFiniteCheckpoint`, naming the first bad tensor, instead of writing.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from model.mcn import MCN, MCNConfig
 from store import atomic
 
 __all__ = [
+    "NonFiniteCheckpoint",
     "atomic_torch_save",
+    "first_nonfinite",
     "save_model_checkpoint",
     "load_checkpoint",
     "load_mcn",
@@ -60,12 +66,71 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+class NonFiniteCheckpoint(ValueError):
+    """A checkpoint about to be written holds a NaN or infinite value; nothing was written."""
+
+
+def _nonfinite_count(t: Tensor) -> int:
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return 0
+    return int((~torch.isfinite(t)).sum().item())
+
+
+def first_nonfinite(obj: Any, prefix: str = "") -> tuple[str, int] | None:
+    """``(path, n_bad)`` of the first floating tensor in ``obj`` (tensors, mappings, lists, tuples,
+    depth first in order) holding a NaN or an infinity; None when every value is finite."""
+    if isinstance(obj, Tensor):
+        n = _nonfinite_count(obj)
+        return (prefix or "<tensor>", n) if n else None
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = first_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _optimizer_names(inner: nn.Module, extra: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``extra`` with the optimizer state keyed by parameter names instead of indices (for messages),
+    when the optimizer holds exactly the model's parameters in order."""
+    opt = extra.get("optimizer")
+    if not isinstance(opt, Mapping) or not isinstance(opt.get("state"), Mapping):
+        return extra
+    names = [n for n, _ in inner.named_parameters()]
+    ids = [i for g in opt.get("param_groups", []) for i in g.get("params", [])]
+    if sorted(ids) != list(range(len(names))):
+        return extra
+    state = {f"{names[i]}" if isinstance(i, int) and i < len(names) else str(i): v for i, v in opt["state"].items()}
+    return {**extra, "optimizer": {**opt, "state": state}}
+
+
+def check_finite(model_state: Mapping[str, Tensor], extra: Mapping[str, Any], path: Path,
+                 inner: nn.Module | None = None) -> None:
+    """Raise :class:`NonFiniteCheckpoint` when a floating tensor of the model state or of ``extra``
+    holds a NaN or infinity (the first one found is named)."""
+    found = first_nonfinite(model_state, "model")
+    if found is None:
+        found = first_nonfinite(_optimizer_names(inner, extra) if inner is not None else extra)
+    if found is not None:
+        name, n = found
+        raise NonFiniteCheckpoint(f"refusing to write checkpoint {path}: {name} holds {n} non-finite value(s) "
+                                  "(NaN or inf); no checkpoint is written with non-finite weights or state")
+
+
 def save_model_checkpoint(path: str | os.PathLike[str], model: nn.Module, extra: Mapping[str, Any] | None = None) -> Path:
     """Atomically save ``{"model": state_dict, "mcn_config": dict, **extra}`` (our format).
 
     ``model`` may be wrapped (DDP, DataParallel, compiled): the saved keys never carry ``module.``.
     ``extra`` holds the rest of the training state (optimizer, scheduler, k-means, RNG, step, ...); it
     must only contain tensors and plain Python containers/scalars to load with ``weights_only=True``.
+    Raises :class:`NonFiniteCheckpoint` (and writes nothing) when any floating tensor of the model or
+    of ``extra`` is not finite: a path such as ``model.GU_video.fc.weight`` or
+    ``optimizer.state.GU_video.fc.weight.exp_avg_sq`` names the first bad one.
     """
     inner = _unwrap(model)
     if not isinstance(inner, MCN):
@@ -74,7 +139,9 @@ def save_model_checkpoint(path: str | os.PathLike[str], model: nn.Module, extra:
     clash = {"model", "mcn_config"} & set(extra)
     if clash:
         raise ValueError(f"extra must not contain the reserved keys {sorted(clash)}")
-    obj = {"model": inner.state_dict(), "mcn_config": asdict(inner.config), **extra}
+    state = inner.state_dict()
+    check_finite(state, extra, Path(path), inner)
+    obj = {"model": state, "mcn_config": asdict(inner.config), **extra}
     return atomic_torch_save(obj, path)
 
 

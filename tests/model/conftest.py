@@ -216,3 +216,17 @@ def train_features(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
     ws = Workspace(tmp_path_factory.mktemp("fixture_train") / "ws")
     make_features(ws, n_shards=4, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
     return open_features(ws)
+
+
+@pytest.fixture(scope="session")
+def grown_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureSet, FeatureSet]:
+    """New data arriving: one workspace's features with 3 shards × 4 structured videos (12 usable),
+    then the same workspace after 2 more shards were added (5 shards, 20 usable)."""
+    ws = Workspace(tmp_path_factory.mktemp("fixture_grown") / "ws")
+    make_features(ws, n_shards=3, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
+    before = open_features(ws)
+    rng = np.random.default_rng(2)
+    for s in (3, 4):
+        write_shard(ws, s, [random_video(f"vid-{s:02d}-{i:02d}", rng, duration=24.0, structured=True)
+                            for i in range(4)])
+    return before, open_features(ws)

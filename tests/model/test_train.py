@@ -114,8 +114,12 @@ def test_checkpoints_keep_last_and_contents(train_features: FeatureSet, tmp_path
     state = load_checkpoint(res.checkpoint)  # weights_only=True
     assert state["step"] == 5 and (state["epoch"], state["batch_in_epoch"]) == (1, 1)
     for key in ("model", "mcn_config", "optimizer", "scheduler", "scaler", "kmeans", "rng", "config",
-                "data_counts"):
+                "data_counts", "data", "data_history", "skipped_steps", "nonfinite_streak"):
         assert key in state, key
+    assert state["format"] == "mcn-train-2"
+    assert state["data"] == {"fingerprint": train_features.fingerprint, "n_shards": 4, "n_usable": 16,
+                             "batches_per_epoch": 4, "total_steps": 16}
+    assert (state["skipped_steps"], state["nonfinite_streak"], res.skipped_steps) == (0, 0, 0)
     assert state["kmeans"]["centroids"].shape == (4, 32)
     assert state["config"]["batch_size"] == 4
     model = load_mcn(res.checkpoint)
