@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
+import ffmpeg
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,10 @@ class DecodeError(Exception):
     """A video or audio stream that cannot be decoded; the message is a one-line reason."""
 
 
+class DecodeTimeout(DecodeError):
+    """A decoding subprocess ran past its time limit and was killed (perhaps not the file's fault)."""
+
+
 class NoAudioError(DecodeError):
     """The file has no audio stream, or its audio stream decodes to zero samples."""
 
@@ -79,7 +84,14 @@ class DecodeConfig:
     chunk_seconds: float = field(default=10.0, metadata=RUNTIME)  # video decoded per chunk: bounded memory
     threads: int = field(default=1, metadata=RUNTIME)  # decoder threads
     audio_rate: int = 16000  # Hz, mono
+    # Resource bounds of one decoded frame: a frame longer than max_aspect:1 is centre-cropped to that
+    # aspect before the 2D and 3D sizes are applied (an 8192x16 video would otherwise give 2D frames of
+    # 114688x224), and frames are decoded at no more than max_decode_pixels (scaled down otherwise).
+    max_aspect: float = 4.0
+    max_decode_pixels: int = 4_000_000
     fallback_pyav: bool = field(default=True, metadata=RUNTIME)  # decord: PyAV for files it cannot open
+    # ffprobe / ffmpeg audio subprocesses are killed after this long (s)
+    audio_timeout_s: float = field(default=600.0, metadata=RUNTIME)
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot work."""
@@ -93,6 +105,9 @@ class DecodeConfig:
             raise ValueError(f"need 1 <= crop_3d <= size_3d, got crop {self.crop_3d}, size {self.size_3d}")
         if self.threads < 0 or self.audio_rate <= 0:
             raise ValueError("threads must be >= 0 and audio_rate > 0")
+        if self.max_aspect < 1.0 or self.max_decode_pixels < 4 * self.size_2d:
+            raise ValueError(f"need max_aspect >= 1 and max_decode_pixels >= 4 x size_2d, got {self.max_aspect}, "
+                             f"{self.max_decode_pixels}")
 
 
 @dataclass
@@ -109,6 +124,7 @@ class VisualChunk:
     times_2d: np.ndarray
     frames_3d: np.ndarray
     times_3d: np.ndarray
+    warnings: list[str] = field(default_factory=list)  # on the first chunk: frames cropped or scaled down
 
 
 @dataclass(frozen=True)
@@ -192,9 +208,10 @@ class _ChunkBuilder:
     number of 2D and 3D targets it serves. 3D crops are made per added batch, so a chunk holds only
     its outputs (plus one batch of decode-size frames), not all of its decoded frames."""
 
-    def __init__(self, cfg: DecodeConfig, size_2d: tuple[int, int], k2_start: int, k3_start: int) -> None:
+    def __init__(self, cfg: DecodeConfig, geometry: "_Geometry", k2_start: int, k3_start: int) -> None:
         self.cfg = cfg
-        self.size_2d = size_2d
+        self.geometry = geometry
+        self.size_2d = geometry.size_2d
         self.k2_start = k2_start
         self.k3_start = k3_start
         self._2d: list[np.ndarray] = []
@@ -205,6 +222,9 @@ class _ChunkBuilder:
     def add(self, frames: np.ndarray, n2: np.ndarray, n3: np.ndarray) -> None:
         """frames: uint8 (b, H, W, 3) at the decode size; n2, n3: int (b,) targets served by each."""
         n2, n3 = np.asarray(n2, dtype=np.int64), np.asarray(n3, dtype=np.int64)
+        if self.geometry.crop is not None:
+            left, top, cw, ch = self.geometry.crop
+            frames = frames[:, top : top + ch, left : left + cw]
         if n2.sum():
             sel = n2 > 0
             frames_2d = _resize_batch(frames[sel], *self.size_2d)
@@ -222,19 +242,51 @@ class _ChunkBuilder:
             return None
         w2, h2 = self.size_2d
         c = self.cfg.crop_3d
+        warnings, self.geometry.pending_warnings[:] = list(self.geometry.pending_warnings), []
         return VisualChunk(
             frames_2d=np.concatenate(self._2d) if self._2d else np.empty((0, h2, w2, 3), np.uint8),
             times_2d=np.arange(self.k2_start, self.k2_start + self.n2, dtype=np.float64) / self.cfg.fps_2d,
             frames_3d=np.concatenate(self._3d) if self._3d else np.empty((0, c, c, 3), np.uint8),
             times_3d=np.arange(self.k3_start, self.k3_start + self.n3, dtype=np.float64) / self.cfg.fps_3d,
+            warnings=warnings,
         )
 
 
-def _decode_size(probe: VideoProbe, cfg: DecodeConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(decode size, 2D size) as (width, height): decode at the larger of the 2D and 3D sizes."""
-    size_2d = scaled_size(probe.width, probe.height, cfg.size_2d)
+@dataclass
+class _Geometry:
+    """Sizes of one video's frames as (width, height): decoded at ``decode``, centre-cropped to
+    ``crop`` (left, top, width, height in decode pixels) when its aspect is extreme, 2D frames of
+    ``size_2d``. ``pending_warnings`` go out with the first chunk."""
+
+    decode: tuple[int, int]
+    size_2d: tuple[int, int]
+    crop: tuple[int, int, int, int] | None = None
+    pending_warnings: list[str] = field(default_factory=list)
+
+
+def _geometry(probe: VideoProbe, cfg: DecodeConfig) -> _Geometry:
+    """Decode at the larger of the 2D and 3D sizes, within cfg.max_decode_pixels; centre-crop frames
+    longer than cfg.max_aspect:1 (see DecodeConfig)."""
+    w, h = probe.width, probe.height
+    if w <= 0 or h <= 0:
+        raise DecodeError(f"invalid frame size {w}x{h}")
+    warnings: list[str] = []
     short = max(cfg.size_2d, cfg.size_3d + (cfg.size_3d % 2))
-    return scaled_size(probe.width, probe.height, short), size_2d
+    dw, dh = scaled_size(w, h, short)
+    if dw * dh > cfg.max_decode_pixels:
+        f = math.sqrt(cfg.max_decode_pixels / (dw * dh))
+        dw, dh = max(2, 2 * int(dw * f / 2)), max(2, 2 * int(dh * f / 2))
+        warnings.append(f"{w}x{h} frames decoded at {dw}x{dh} (over the {cfg.max_decode_pixels}-pixel cap)")
+    aspect = max(w, h) / min(w, h)
+    if aspect <= cfg.max_aspect:
+        return _Geometry((dw, dh), scaled_size(w, h, cfg.size_2d), None, warnings)
+    if dw >= dh:
+        cw, ch = min(dw, max(2, 2 * round(dh * cfg.max_aspect / 2))), dh
+    else:
+        cw, ch = dw, min(dh, max(2, 2 * round(dw * cfg.max_aspect / 2)))
+    warnings.append(f"aspect ratio {aspect:.1f}:1 is over {cfg.max_aspect:g}:1: frames centre-cropped to "
+                    f"{cw}x{ch} of {dw}x{dh}")
+    return _Geometry((dw, dh), scaled_size(cw, ch, cfg.size_2d), ((dw - cw) // 2, (dh - ch) // 2, cw, ch), warnings)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,13 +356,13 @@ class _StreamSampler:
     shown until ``hi``) and returns the chunks that this completes.
     """
 
-    def __init__(self, cfg: DecodeConfig, size_2d: tuple[int, int]) -> None:
+    def __init__(self, cfg: DecodeConfig, geometry: _Geometry) -> None:
         self.cfg = cfg
-        self.size_2d = size_2d
+        self.geometry = geometry
         self.chunk = 0
         self.k2 = 0  # next 2D target index
         self.k3 = 0
-        self._builder = _ChunkBuilder(cfg, size_2d, 0, 0)
+        self._builder = _ChunkBuilder(cfg, geometry, 0, 0)
         self._pending: list[np.ndarray] = []
         self._n2: list[int] = []
         self._n3: list[int] = []
@@ -345,15 +397,16 @@ class _StreamSampler:
         """The current (possibly partial) chunk; a new one starts after it."""
         self._drain()
         chunk = self._builder.build()
-        self._builder = _ChunkBuilder(self.cfg, self.size_2d, self.k2, self.k3)
+        self._builder = _ChunkBuilder(self.cfg, self.geometry, self.k2, self.k3)
         return chunk
 
 
 def _iter_pyav(path: Path, cfg: DecodeConfig, probe: VideoProbe | None = None) -> Iterator[VisualChunk]:
     """PyAV backend: sequential decode; a frame is converted to RGB only when some target needs it."""
     probe = probe or probe_video(path)
-    (dec_w, dec_h), size_2d = _decode_size(probe, cfg)
-    sampler = _StreamSampler(cfg, size_2d)
+    geometry = _geometry(probe, cfg)
+    dec_w, dec_h = geometry.decode
+    sampler = _StreamSampler(cfg, geometry)
     try:
         container = av.open(str(path))
     except Exception as exc:
@@ -480,7 +533,8 @@ def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
     """decord backend: per chunk, ``get_batch`` (in batches) over the distinct frame indices its
     targets need, in increasing order."""
     probe = probe_video(path)
-    dec_size, size_2d = _decode_size(probe, cfg)
+    geometry = _geometry(probe, cfg)
+    dec_size = geometry.decode
     if probe.rotation:  # decord 0.6 returns 4-channel frames and fails in get_batch on these
         if cfg.fallback_pyav:
             logger.info("%s: display rotation %d°: decoding with PyAV", path, probe.rotation)
@@ -516,7 +570,7 @@ def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
         idx3 = np.clip(np.searchsorted(keys, k3 / cfg.fps_3d, side="right") - 1, 0, n - 1)
         unique = np.unique(np.concatenate([idx2, idx3]))
         per2, per3 = _per_frame(idx2, unique), _per_frame(idx3, unique)
-        builder = _ChunkBuilder(cfg, size_2d, int(k2[0]) if len(k2) else 0, int(k3[0]) if len(k3) else 0)
+        builder = _ChunkBuilder(cfg, geometry, int(k2[0]) if len(k2) else 0, int(k3[0]) if len(k3) else 0)
         for s in range(0, len(unique), _BATCH):
             sub = unique[s : s + _BATCH]
             try:
@@ -580,14 +634,23 @@ def _ffmpeg_reason(stderr: str, path: Path, code: int) -> str:
     return line or f"exit code {code}"
 
 
-def _audio_streams(path: Path) -> int:
+def _run(cmd: list[str], what: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a subprocess with a time limit: on expiry it is killed (not abandoned) and DecodeTimeout
+    is raised."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout_s,
+                              errors="replace")
+    except subprocess.TimeoutExpired:
+        raise DecodeTimeout(f"{what} timed out after {timeout_s:g} s (killed)") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot run {what}: {exc}") from exc
+
+
+def _audio_streams(path: Path, timeout_s: float) -> int:
     """Number of audio streams (ffprobe); DecodeError when ffprobe cannot read the file."""
     cmd = ["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries", "stream=index",
            "-of", "csv=p=0", str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        raise DecodeError(f"cannot run ffprobe: {exc}") from exc
+    proc = _run(cmd, "ffprobe", timeout_s)
     if proc.returncode != 0:
         raise DecodeError(f"ffprobe failed: {_ffmpeg_reason(proc.stderr, path, proc.returncode)}")
     return sum(1 for ln in proc.stdout.splitlines() if ln.strip())
@@ -599,23 +662,28 @@ def decode_audio(path: str | os.PathLike[str], cfg: DecodeConfig, workdir: Path)
     Any channel count and sample rate; ffmpeg downmixes and resamples, streaming into a file in
     ``workdir`` (RAM stays bounded for hour-long videos). The caller owns that file (``arr.filename``)
     and deletes it, e.g. with its per-video workdir. Raises NoAudioError when the file has no audio
-    stream or the stream decodes to zero samples (no empty arrays downstream), DecodeError with
-    ffmpeg's last stderr line for every other failure.
+    stream or the stream decodes to zero samples (no empty arrays downstream), DecodeTimeout when
+    ffprobe or ffmpeg runs past ``cfg.audio_timeout_s`` (they are killed), DecodeError with ffmpeg's
+    last stderr line for every other failure.
     """
     path = Path(path)
-    if _audio_streams(path) == 0:
+    if _audio_streams(path, cfg.audio_timeout_s) == 0:
         raise NoAudioError("no audio stream")
     workdir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="audio-", suffix=".f32", dir=workdir)
     os.close(fd)
     out = Path(name)
-    cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(path),
-           "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(cfg.audio_rate), "-f", "f32le", str(out)]
+    # ffmpeg-python builds the command; it runs under _run's time limit (the library has none)
+    cmd = (ffmpeg.input(str(path))
+           .output(str(out), map="0:a:0", vn=None, ac=1, ar=cfg.audio_rate, f="f32le")
+           .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+           .overwrite_output()
+           .compile())
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    except OSError as exc:
+        proc = _run(cmd, "ffmpeg audio decode", cfg.audio_timeout_s)
+    except DecodeError:
         out.unlink(missing_ok=True)
-        raise DecodeError(f"cannot run ffmpeg: {exc}") from exc
+        raise
     if proc.returncode != 0:
         out.unlink(missing_ok=True)
         raise DecodeError(f"ffmpeg failed: {_ffmpeg_reason(proc.stderr, path, proc.returncode)}")

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
-    FeatureExtractor,
     VisualConfig,
     as_uint8_tensor,
     autocast_context,

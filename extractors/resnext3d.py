@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
-    FeatureExtractor,
     VisualConfig,
     as_uint8_tensor,
     autocast_context,

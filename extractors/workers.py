@@ -52,6 +52,7 @@ class Event:
     task_index: int  # position of the task in the ``tasks`` iterable
     kind: EventKind
     payload: Any  # the item; None for "done"; a one-line reason for "error"
+    transient: bool = False  # an "error" that says nothing about the file: a timeout or a worker's death
 
 
 @dataclass
@@ -254,7 +255,8 @@ class WorkerPool(Generic[T]):
                         logger.warning("task %d: no progress for %.1f s; killing worker pid %s",
                                        index, self.cfg.timeout_s, w.proc.pid)
                         self._drop(w, kill=True)
-                        yield Event(index, "error", f"timeout: no progress for {self.cfg.timeout_s:.1f} s")
+                        yield Event(index, "error", f"timeout: no progress for {self.cfg.timeout_s:.1f} s",
+                                    transient=True)
                 # 4. messages (one per worker per round), then deaths
                 for w in busy:
                     if self._slot_of(w) is None:
@@ -353,7 +355,7 @@ class WorkerPool(Generic[T]):
         if index is not None:
             reason = _death_reason(exitcode)
             logger.warning("task %d: %s (pid %s)", index, reason, pid)
-            yield Event(index, "error", reason)
+            yield Event(index, "error", reason, transient=True)
 
     def _drop(self, w: _Worker, kill: bool) -> int | None:
         """Take a worker out of its slot and retire it; its exit code."""

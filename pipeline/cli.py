@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.run import STAGES
+from pipeline.terminal import print_lines, terminal_safe
 from store.fields import FIELDS
 from store.layout import Workspace
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use seeded random visual backbones when no weights file is found (demo/tests only)")
     p.add_argument("--force", action="store_true", help="redo every shard of the selected fields")
     p.add_argument("--verify", action="store_true", help="also redo shards whose checksum differs from their record")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also redo the videos whose failure was transient (timeout, crashed worker, out of memory) "
+                   "in shards that are done, keeping every other sample")
     p.add_argument("--claim", choices=["static", "dynamic"], default=None,
                    help="static: shards with index %% WORLD_SIZE == RANK; dynamic: the next unclaimed shard "
                    "(default: runner.mode of the config)")
@@ -104,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: evaluate.run of the config, 'default')")
     p.add_argument("--resume", default=None,
                    help="a checkpoint path to continue from (default: the run's latest checkpoint, if any)")
+    p.add_argument("--allow-new-data", action="store_true",
+                   help="continue a checkpoint trained on other features (shards added or changed) with the "
+                   "schedule recomputed for the current ones; a new run of the same config starts from the "
+                   "latest checkpoint of the most recent earlier run of that name instead of from scratch")
     p.add_argument("--init-from", default=None,
                    help="start from these weights only (our checkpoint or the reference e{N}.pth)")
     _common(p)
@@ -181,10 +189,12 @@ def cmd_scan(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
                   workers=workers_for(ws, cfg))
     write_resolved(ws.scan_config, cfg.scan, videos=str(args.videos.resolve()))
     how = "unchanged since the last scan" if result.up_to_date else f"{result.n_probed} probed, the rest cached"
-    print(f"scan: {result.n_videos} videos ({result.n_ok} ok, {result.n_failed} failed) in "
-          f"{result.n_shards} shards; {how} -> {ws.manifest}")
+    print(terminal_safe(f"scan: {result.n_videos} videos ({result.n_ok} ok, {result.n_failed} failed) in "
+                        f"{result.n_shards} shards; {how} -> {ws.manifest}"))
     for path, why in result.failures:
-        print(f"  failed: {path}: {why}")
+        print(terminal_safe(f"  failed: {path}: {why}"))
+    for path, why in result.skipped:
+        print(terminal_safe(f"  skipped: {path}: {why}"))
     return 0
 
 
@@ -203,13 +213,27 @@ def cmd_extract(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
         cfg.extract.allow_random_weights = True
     if args.claim:
         cfg.runner.mode = args.claim
-    summary = run_extract(ws, cfg, force=args.force, progress=not args.no_progress, verify=args.verify)
+    summary = run_extract(ws, cfg, force=args.force, progress=not args.no_progress, verify=args.verify,
+                          retry_failed=args.retry_failed)
     done = ", ".join(f"{f} {n}" for f, n in summary.processed.items())
     others = sum(summary.by_others.values())
+    retried = sum(summary.retried.values())
     print(f"extract: shards {summary.shards_mine}/{summary.shards_total} taken; written: {done}"
           + (f"; {others} written by other processes" if others else "")
+          + (f"; {retried} failed video(s) retried" if retried else "")
           + f"; {summary.videos} videos in {summary.seconds:.1f} s")
+    _print_failures(ws, cfg)
     return 0
+
+
+def _print_failures(ws: Workspace, cfg: Config) -> None:
+    from pipeline.stages import extract_states, failure_summary
+
+    lines = failure_summary(extract_states(ws, cfg))
+    if lines:
+        print("failed videos by reason (`mcn status` lists them; --retry-failed redoes the transient ones):")
+        for line in lines:
+            print(terminal_safe(line))
 
 
 def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
@@ -233,11 +257,14 @@ def cmd_train(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
     if args.name:
         cfg.evaluate.run = args.name
-    result = run_train(ws, cfg, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    result = run_train(ws, cfg, resume=args.resume, init_from=args.init_from, progress=not args.no_progress,
+                       allow_new_data=args.allow_new_data)
     if result is not None:
         what = "" if result.trained else " (done already: nothing trained)"
+        from model.train import LOSS_PARTS
+
         print(f"train: step {result.step}{what}; last losses "
-              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.losses.items()))
+              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.losses.items()) if k in LOSS_PARTS)
               + f"; checkpoint {result.checkpoint}")
     return 0
 
@@ -261,14 +288,14 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
                   f"{loc['n_videos']} videos{cached}; per task: "
                   + ", ".join(f"{t} {100 * r:.1f}%" for t, r in sorted(loc["per_task"].items())))
             for problem in metrics["problems"]:
-                print(f"  note: {problem}")
+                print(terminal_safe(f"  note: {problem}"))
             continue
-        print(f"evaluate {name}: {metrics['n_queries']} queries from {metrics['n_videos']} videos, "
-              f"checkpoint {metrics['checkpoint']}{cached}")
+        print(terminal_safe(f"evaluate {name}: {metrics['n_queries']} queries from {metrics['n_videos']} videos, "
+                            f"checkpoint {metrics['checkpoint']}{cached}"))
         print(format_table(metrics))
         for problem in metrics["problems"]:
-            print(f"  note: {problem}")
-        print(f"  report: {ws.eval_report(name)}")
+            print(terminal_safe(f"  note: {problem}"))
+        print(terminal_safe(f"  report: {ws.eval_report(name)}"))
     return 0
 
 
@@ -287,7 +314,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     _run_setup(args, cfg)
     report = run_pipeline(ws, cfg, args.videos, from_stage=args.from_stage, only=args.only,
                           force=set(args.force), progress=not args.no_progress)
-    print(report)
+    print_lines(report)
     return 0
 
 
@@ -305,7 +332,7 @@ def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
           f"{summary.out_dir} ({summary.elapsed_s:.0f} s)")
     report = run_pipeline(ws, cfg, Path(summary.out_dir) / "train", from_stage=args.from_stage, only=args.only,
                           force=set(args.force), progress=not args.no_progress)
-    print(report)
+    print_lines(report)
     return 0
 
 
@@ -321,12 +348,21 @@ def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     try:
         hits = search_text(index, model, text_extractor(ws, cfg), args.query, args.top)
     except ValueError as exc:
-        print(f"mcn search: {exc}", file=sys.stderr)
+        print(terminal_safe(f"mcn search: {exc}"), file=sys.stderr)
         return 1
     print(f"{'score':>8}  {'video':<40} {'start':>8} {'end':>8}  caption")
-    for h in hits:
-        print(f"{h.score:8.3f}  {h.video_id:<40} {h.start:8.2f} {h.end:8.2f}  {h.caption}")
+    for h in hits:  # captions and ids come from the data: no control character reaches the terminal
+        print(terminal_safe(f"{h.score:8.3f}  {h.video_id:<40} {h.start:8.2f} {h.end:8.2f}  {h.caption}"))
     return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that say what to do (a missing file, a bad value, a training that diverged): printed as
+    one line. Anything else is a bug and keeps its traceback."""
+    from model.train import TrainingDiverged
+    from pipeline.configtools import ConfigError
+
+    return (FileNotFoundError, ConfigError, ValueError, TimeoutError, TrainingDiverged)
 
 
 COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
@@ -354,10 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS[args.command]
     try:
         return handler(args, cfg, ws)
-    except (FileNotFoundError, ConfigError, ValueError, TimeoutError) as exc:
+    except Exception as exc:  # the errors a user can act on: one line (all of it with --verbose)
+        if not isinstance(exc, _expected_errors()):
+            raise
         if args.verbose:
             raise
-        print(f"mcn {args.command}: {exc}", file=sys.stderr)
+        print(terminal_safe(f"mcn {args.command}: {exc}"), file=sys.stderr)
         return 1
 
 

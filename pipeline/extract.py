@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from extractors import FeatureExtractor, create, get_extractor
-from extractors.decode import DecodeConfig, DecodeError, NoAudioError, decode_audio, visual_task
+from extractors.decode import DecodeConfig, DecodeError, DecodeTimeout, NoAudioError, decode_audio, visual_task
 from extractors.resnext3d import windows_from_frames
 from extractors.workers import WorkerConfig, WorkerPool
 from pipeline.configtools import from_dict, to_dict
@@ -31,6 +31,7 @@ from store.fields import FIELDS, VISUAL_FIELDS
 from store.layout import Workspace
 from store.lineage import RUNTIME, Lineage, config_dict, fingerprint
 from store.manifest import VideoRecord, read_captions
+from store.reader import decode_member, iter_raw
 from store.shards import SHARD_FORMAT, ShardWriter, encode_json, encode_npy
 
 logger = logging.getLogger(__name__)
@@ -64,18 +65,40 @@ class FieldResult:
     error: str | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    transient: bool = False  # a failure --retry-failed redoes: timeout, crashed worker, out of memory
+
+
+def failure(where: str, exc: BaseException) -> FieldResult:
+    """The failed result of one video: ``"<where>: <Type>: <first line>"``; out of memory is transient."""
+    text = " ".join(str(exc).split())[:300]
+    oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower()
+    if oom:
+        return FieldResult("failed", f"{where}: out of memory ({text})", transient=True)
+    plain = isinstance(exc, (ValueError, RuntimeError, ArithmeticError, OSError)) and text
+    return FieldResult("failed", f"{where}: {text}" if plain else f"{where}: {type(exc).__name__}: {text}")
+
+
+def _finite_rows(a: np.ndarray) -> bool:
+    return bool(np.isfinite(a).all())
 
 
 class _Batcher:
-    """Accumulates rows of many videos and runs `fn` on full batches; outputs go back per video."""
+    """Accumulates rows of many videos and runs ``fn`` on full batches; outputs go back per video.
 
-    def __init__(self, fn: Callable[[np.ndarray], torch.Tensor], batch_size: int) -> None:
-        self.fn, self.batch_size = fn, max(1, batch_size)
+    A batch that raises is run again video by video, so that one video's failure (a model error, out
+    of memory, non-finite features) costs that video only: it lands in ``failed``.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], torch.Tensor], batch_size: int, where: str) -> None:
+        self.fn, self.batch_size, self.where = fn, max(1, batch_size), where
         self.pending: list[tuple[int, np.ndarray]] = []
         self.n_pending = 0
         self.outputs: dict[int, list[np.ndarray]] = {}
+        self.failed: dict[int, FieldResult] = {}
 
     def add(self, video: int, rows: np.ndarray) -> None:
+        if video in self.failed:
+            return
         self.outputs.setdefault(video, [])
         if self.pending and rows.shape[1:] != self.pending[0][1].shape[1:]:
             self.flush()  # frames of another size (aspect ratio) cannot share a batch
@@ -85,15 +108,42 @@ class _Batcher:
         if self.n_pending >= self.batch_size:
             self.flush()
 
+    def _run(self, rows: np.ndarray) -> np.ndarray:
+        out = self.fn(rows).numpy()
+        if not _finite_rows(out):
+            raise FloatingPointError("the model produced non-finite features")
+        return out.astype(np.float16)  # stored as float16
+
     def flush(self) -> None:
         if not self.pending:
             return
-        out = self.fn(np.concatenate([rows for _, rows in self.pending])).numpy()
+        pending, self.pending, self.n_pending = self.pending, [], 0
+        try:
+            out = self._run(np.concatenate([rows for _, rows in pending]))
+        except Exception:  # noqa: BLE001 - contained: find the video(s) it came from
+            if len(pending) == 1:
+                out = None
+            else:
+                for video, rows in pending:
+                    self._one(video, rows)
+                return
+        if out is None:
+            self._one(*pending[0])
+            return
         start = 0
-        for video, rows in self.pending:
-            self.outputs[video].append(out[start : start + len(rows)].astype(np.float16))  # stored as float16
+        for video, rows in pending:
+            self.outputs[video].append(out[start : start + len(rows)])
             start += len(rows)
-        self.pending, self.n_pending = [], 0
+
+    def _one(self, video: int, rows: np.ndarray) -> None:
+        if video in self.failed:
+            return
+        try:
+            self.outputs[video].append(self._run(rows))
+        except Exception as exc:  # noqa: BLE001 - this video's failure, recorded
+            self.failed[video] = failure(self.where, exc)
+            self.outputs.pop(video, None)
+            logger.warning("extract: video #%d: %s", video, self.failed[video].error)
 
     def result(self, video: int, dim: int) -> np.ndarray:
         parts = self.outputs.get(video, [])
@@ -191,46 +241,62 @@ class ExtractStage:
         return Lineage(config=config, code=code, inputs=inputs)
 
     # -- work ---------------------------------------------------------------------------------------
-    def process(self, job: ShardJob, claims: dict[str, Claim]) -> None:
+    def process(self, job: ShardJob, claims: dict[str, Claim], retry: dict[str, set[str]] | None = None) -> None:
+        """Write the shard of every field in ``claims``. ``retry`` (field → video ids): for these fields
+        redo only these videos and keep every other sample of the existing shard byte for byte.
+
+        Every failure of one video (decoding, a model, non-finite values, a timeout) becomes that
+        video's ``failed`` sample with a one-line reason; the shard is written all the same."""
         fields = list(claims)
         if self.cfg.torch_threads > 0:
             torch.set_num_threads(self.cfg.torch_threads)
+        wanted = {f: (set(retry[f]) if retry is not None and f in retry else None) for f in fields}
         results: dict[str, dict[str, FieldResult]] = {f: {} for f in fields}
         for r in job.records:
             if not r.ok:
                 for f in fields:
-                    results[f][r.id] = FieldResult("failed", f"scan: {r.error}")
-        todo = [r for r in job.records if r.ok]
-        visual = [f for f in fields if f in ("video2d", "video3d")]
-        if visual and todo:
-            self._visual(todo, visual, results)
-        if "audio" in fields:
-            self._audio(job, todo, results["audio"])
-        if "text" in fields:
-            self._text(job, todo, results["text"])
-        for f in fields:
-            self._write(job, f, results[f], claims[f])
+                    if wanted[f] is None or r.id in wanted[f]:
+                        results[f][r.id] = FieldResult("failed", f"scan: {r.error}")
 
-    def _visual(self, records: list[VideoRecord], fields: list[str], results: dict[str, dict[str, FieldResult]]) -> None:
+        def todo(f: str) -> list[VideoRecord]:
+            return [r for r in job.records if r.ok and (wanted[f] is None or r.id in wanted[f])]
+
+        visual = {f: todo(f) for f in fields if f in VISUAL_FIELDS}
+        if any(visual.values()):
+            wanted_ids = {r.id for rs in visual.values() for r in rs}
+            self._visual([r for r in job.records if r.id in wanted_ids], visual, results)
+        if "audio" in fields:
+            self._audio(job, todo("audio"), results["audio"])
+        if "text" in fields:
+            self._text(job, todo("text"), results["text"])
+        for f in fields:
+            self._write(job, f, results[f], claims[f], keep_others=wanted[f] is not None)
+
+    def _visual(self, records: list[VideoRecord], todo: dict[str, list[VideoRecord]],
+                results: dict[str, dict[str, FieldResult]]) -> None:
+        """One decode per video (``records``, in shard order) feeds the visual fields that want it
+        (``todo``: field → its videos)."""
         window = 16
+        wants = {f: {r.id for r in rs} for f, rs in todo.items()}
         batchers: dict[str, _Batcher] = {}
-        if "video2d" in fields:
-            ex2 = self.extractor("video2d")
-            batchers["video2d"] = _Batcher(ex2, ex2.config.batch_size)
-        if "video3d" in fields:
-            ex3 = self.extractor("video3d")
-            batchers["video3d"] = _Batcher(ex3, ex3.config.batch_size)
+        for f in todo:
+            ex = self.extractor(f)
+            batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
         carry: dict[int, np.ndarray] = {}
-        errors: dict[int, str] = {}
+        errors: dict[int, FieldResult] = {}
+        warnings: dict[int, list[str]] = {}
         tasks = [(str(self.videos_root / r.path), self.cfg.decode) for r in records]
         with WorkerPool(visual_task, self.cfg.workers) as pool:
             for ev in pool.run(tasks):
                 i = ev.task_index
+                vid = records[i].id
                 if ev.kind == "item":
                     chunk = ev.payload
-                    if "video2d" in batchers:
+                    if chunk.warnings:
+                        warnings.setdefault(i, []).extend(chunk.warnings)
+                    if "video2d" in batchers and vid in wants["video2d"]:
                         batchers["video2d"].add(i, chunk.frames_2d)
-                    if "video3d" in batchers:
+                    if "video3d" in batchers and vid in wants["video3d"]:
                         frames = chunk.frames_3d
                         if i in carry:
                             frames = np.concatenate([carry.pop(i), frames])
@@ -239,7 +305,7 @@ class ExtractStage:
                             carry[i] = frames[n_full:]
                         batchers["video3d"].add(i, windows_from_frames(frames[:n_full], window))
                 elif ev.kind == "error":
-                    errors[i] = str(ev.payload)
+                    errors[i] = FieldResult("failed", f"decode: {ev.payload}", transient=ev.transient)
                     carry.pop(i, None)
                     for b in batchers.values():
                         b.drop(i)
@@ -249,38 +315,51 @@ class ExtractStage:
         for f, b in batchers.items():
             dim = self.extractor(f).dim
             for i, r in enumerate(records):
+                if r.id not in wants[f]:
+                    continue
                 if i in errors:
-                    results[f][r.id] = FieldResult("failed", f"decode: {errors[i]}")
+                    results[f][r.id] = errors[i]
+                elif i in b.failed:
+                    results[f][r.id] = b.failed[i]
                 else:
-                    results[f][r.id] = FieldResult(arrays={"feat.npy": b.result(i, dim)})
+                    meta = {"warnings": warnings[i]} if warnings.get(i) else {}
+                    results[f][r.id] = FieldResult(arrays={"feat.npy": b.result(i, dim)}, meta=meta)
 
     def _audio(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult]) -> None:
+        if not records:
+            return
         ex = self.extractor("audio")
         scratch = self.scratch() / f"audio-{job.index:06d}"
         try:
             for r in records:
-                if not r.has_audio:
-                    out[r.id] = FieldResult("no_audio", "no audio stream")
-                    continue
-                try:
-                    wave = decode_audio(self.videos_root / r.path, self.cfg.decode, scratch)
-                except NoAudioError as exc:
-                    out[r.id] = FieldResult("no_audio", str(exc))
-                    continue
-                except DecodeError as exc:
-                    out[r.id] = FieldResult("failed", f"audio decode: {exc}")
-                    logger.warning("extract: %s: audio: %s", r.path, exc)
-                    continue
-                try:
-                    feats = ex(wave)
-                finally:
-                    name = getattr(wave, "filename", None)
-                    del wave
-                    if name:
-                        Path(name).unlink(missing_ok=True)
-                out[r.id] = FieldResult(arrays={"feat.npy": np.asarray(feats, dtype=np.float16)})
+                out[r.id] = self._audio_one(ex, r, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _audio_one(self, ex: FeatureExtractor, r: VideoRecord, scratch: Path) -> FieldResult:
+        if not r.has_audio:
+            return FieldResult("no_audio", "no audio stream")
+        try:
+            wave = decode_audio(self.videos_root / r.path, self.cfg.decode, scratch)
+        except NoAudioError as exc:
+            return FieldResult("no_audio", str(exc))
+        except DecodeError as exc:
+            logger.warning("extract: %s: audio: %s", r.path, exc)
+            return FieldResult("failed", f"audio decode: {exc}", transient=isinstance(exc, DecodeTimeout))
+        name = getattr(wave, "filename", None)
+        try:
+            feats = np.asarray(ex(wave), dtype=np.float16)
+            if not _finite_rows(feats):
+                raise FloatingPointError("log-mel features are not finite")
+        except Exception as exc:  # noqa: BLE001 - this video's failure, recorded
+            res = failure("audio", exc)
+            logger.warning("extract: %s: %s", r.path, res.error)
+            return res
+        finally:
+            del wave
+            if name:
+                Path(name).unlink(missing_ok=True)
+        return FieldResult(arrays={"feat.npy": feats})
 
     def _text(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult]) -> None:
         caps = self.captions(job.index)
@@ -293,17 +372,37 @@ class ExtractStage:
         ex = self.extractor("text")
         for r in with_text:
             items = caps[r.id]
-            words, lengths = ex([c.text for c in items])
-            out[r.id] = FieldResult(
-                arrays={"words.npy": np.asarray(words, np.float16), "lengths.npy": np.asarray(lengths, np.int32)},
-                meta={"captions": [dataclasses.asdict(c) for c in items]},
-            )
+            try:
+                words, lengths = ex([c.text for c in items])
+                words, lengths = np.asarray(words, np.float16), np.asarray(lengths, np.int32)
+                if not _finite_rows(words):
+                    raise FloatingPointError("word vectors are not finite")
+            except Exception as exc:  # noqa: BLE001 - this video's failure, recorded
+                out[r.id] = failure("text", exc)
+                logger.warning("extract: %s: %s", r.path, out[r.id].error)
+                continue
+            out[r.id] = FieldResult(arrays={"words.npy": words, "lengths.npy": lengths},
+                                    meta={"captions": [dataclasses.asdict(c) for c in items]})
 
-    def _write(self, job: ShardJob, f: str, results: dict[str, FieldResult], claim: Claim) -> None:
+    def _write(self, job: ShardJob, f: str, results: dict[str, FieldResult], claim: Claim, *,
+               keep_others: bool = False) -> None:
+        """Write the field's shard: a sample per video in manifest order. ``keep_others``: the videos
+        without a result keep their sample of the existing shard, copied byte for byte."""
         desc = self.describe(f)
+        existing = iter_raw(self.ws.shard_tar(f, job.index)) if keep_others else None
         writer = ShardWriter(self.ws, f, job.index, self.lineage(f, job), desc, claim=claim)
-        try:
+        try:  # (the old tar is read while the new one is written; the commit renames over it)
             for r in job.records:
+                old = next(existing) if existing is not None else None
+                if r.id not in results:
+                    if old is None or old.get("__key__") != r.id:
+                        raise ValueError(f"shard {job.index:06d} of {f} does not hold {r.id} where expected: "
+                                         "redo it (mcn extract --force)")
+                    meta = decode_member("json", old["json"])
+                    members = {k: v for k, v in old.items() if not k.startswith("__")}
+                    writer.add(r.id, members, status=meta.get("status", "failed"), error=meta.get("error"),
+                               transient=bool(meta.get("transient")))
+                    continue
                 res = results[r.id]
                 main = next(iter(res.arrays.values()), None)
                 meta = {
@@ -312,10 +411,15 @@ class ExtractStage:
                     "shape": list(main.shape) if main is not None else None,
                     "duration": r.duration, **res.meta,
                 }
+                if res.transient:
+                    meta["transient"] = True
                 members = {"json": encode_json(meta)}
                 members.update({name: encode_npy(a) for name, a in res.arrays.items()})
-                writer.add(r.id, members, status=res.status, error=res.error)
+                writer.add(r.id, members, status=res.status, error=res.error, transient=res.transient)
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if existing is not None:
+                existing.close()
         writer.commit()

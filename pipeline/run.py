@@ -37,7 +37,7 @@ def run_pipeline(ws: Workspace, cfg: Config, videos: Path, *, from_stage: str | 
     from pipeline.config import write_resolved
     from pipeline.evaluate import evaluate_set, format_table
     from pipeline.scan import scan
-    from pipeline.stages import run_extract, run_train, train_state, workers_for
+    from pipeline.stages import extract_states, failure_summary, run_extract, run_train, train_state, workers_for
 
     stages = selected_stages(from_stage, only)
     lines: list[str] = []
@@ -54,6 +54,7 @@ def run_pipeline(ws: Workspace, cfg: Config, videos: Path, *, from_stage: str | 
             lines.append(f"scan: {result.n_videos} videos ({result.n_ok} ok, {result.n_failed} failed), "
                          f"{result.n_shards} shards; {state}")
             lines += [f"  failed: {p}: {why}" for p, why in result.failures]
+            lines += [f"  skipped: {p}: {why}" for p, why in result.skipped]
         elif stage == "extract":
             _, world = rank_and_world()
             # Several ranks: claim shards dynamically, so that every rank returns only when every shard is
@@ -62,6 +63,10 @@ def run_pipeline(ws: Workspace, cfg: Config, videos: Path, *, from_stage: str | 
                                   dynamic=True if world > 1 else None)
             done = ", ".join(f"{f} {n}/{summary.shards_total}" for f, n in summary.processed.items())
             lines.append(f"extract: shards written this run: {done}")
+            failed = failure_summary(extract_states(ws, cfg))
+            if failed:
+                lines.append("  failed videos by reason (`mcn status` lists them):")
+                lines += [f"  {line}" for line in failed]
         elif stage == "train":
             if "train" in force:
                 run_dir = train_state(ws, cfg).run_dir

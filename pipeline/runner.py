@@ -125,6 +125,7 @@ def run_unit(workers: Workers, unit: str, state: Callable[[], UnitState], work: 
         if st.done and not force:
             logger.info("%s was completed by another process", unit)
             return st, None
+        workers.sweep()  # what killed processes left behind (their temporary files, claims, scratch)
         return st, work(claim, st)
     finally:
         claim.release()
@@ -151,8 +152,9 @@ class ShardedStage(Protocol):
 
     def lineage(self, field: str, job: ShardJob) -> Lineage: ...
 
-    def process(self, job: ShardJob, claims: dict[str, Claim]) -> None:
-        """Write the shard of every field in ``claims`` (``store.shards.ShardWriter(claim=...)``)."""
+    def process(self, job: ShardJob, claims: dict[str, Claim], retry: dict[str, set[str]] | None = None) -> None:
+        """Write the shard of every field in ``claims`` (``store.shards.ShardWriter(claim=...)``); for the
+        fields in ``retry`` only the given videos are redone, the other samples are kept."""
 
 
 @dataclass
@@ -163,6 +165,7 @@ class RunSummary:
     processed: dict[str, int] = field(default_factory=dict)  # field → shards written by this process
     skipped: dict[str, int] = field(default_factory=dict)  # field → shards found done
     by_others: dict[str, int] = field(default_factory=dict)  # field → shards written by other processes
+    retried: dict[str, int] = field(default_factory=dict)  # field → videos retried (--retry-failed)
     videos: int = 0
     seconds: float = 0.0
     waited_s: float = 0.0
@@ -177,13 +180,32 @@ def shard_todo(stage: ShardedStage, ws: Workspace, job: ShardJob, fields: list[s
     return [f for f in fields if not shard_state(ws, f, job.index, stage.lineage(f, job), verify=verify).done]
 
 
+def transient_failures(ws: Workspace, job: ShardJob, fields: list[str]) -> dict[str, set[str]]:
+    """field → the videos whose failure in the field's done record is transient (a timeout, a crashed
+    worker, out of memory): what ``--retry-failed`` redoes."""
+    from store.lineage import read_record
+
+    out: dict[str, set[str]] = {}
+    for f in fields:
+        rec = read_record(ws.shard_record(f, job.index)) or {}
+        ids = {str(v.get("id")) for v in rec.get("videos", []) if isinstance(v, dict) and v.get("transient")}
+        if ids:
+            out[f] = ids
+    return out
+
+
 def run_sharded(stage: ShardedStage, workers: Workers, jobs: list[ShardJob], *, rank: int = 0, world: int = 1,
-                force: bool = False, progress: bool = True, verify: bool = False) -> RunSummary:
-    """Run ``stage`` over its shards (see the module docstring); returns what this process did."""
+                force: bool = False, progress: bool = True, verify: bool = False,
+                retry_failed: bool = False) -> RunSummary:
+    """Run ``stage`` over its shards (see the module docstring); returns what this process did.
+
+    ``retry_failed``: in shards that are done, also redo the videos whose failure was transient (a
+    timeout, a crashed worker, out of memory), keeping every other sample; the shard is rewritten
+    atomically under its claim."""
     ws, cfg = workers.ws, workers.cfg
     dynamic = cfg.mode == "dynamic"
     summary = RunSummary(stage=stage.name, shards_total=len(jobs))
-    for d in (summary.processed, summary.skipped, summary.by_others):
+    for d in (summary.processed, summary.skipped, summary.by_others, summary.retried):
         d.update({f: 0 for f in stage.fields})
     workers.sweep()
     mine = jobs if dynamic else [j for j in jobs if owns(j.index, rank, world)]
@@ -191,6 +213,9 @@ def run_sharded(stage: ShardedStage, workers: Workers, jobs: list[ShardJob], *, 
     todo: list[tuple[ShardJob, list[str]]] = []
     for job in mine:
         fields = shard_todo(stage, ws, job, stage.fields, force=force, verify=verify)
+        done = [f for f in stage.fields if f not in fields]
+        if retry_failed and done and transient_failures(ws, job, done):
+            fields = fields + [f for f in done if f in transient_failures(ws, job, done)]
         for f in stage.fields:
             if f not in fields:
                 summary.skipped[f] += 1
@@ -215,17 +240,24 @@ def run_sharded(stage: ShardedStage, workers: Workers, jobs: list[ShardJob], *, 
             else:
                 held.append(f)
         try:
+            retry: dict[str, set[str]] = {}
             if claims:  # under the claims: done meanwhile by another process?
                 again = set(shard_todo(stage, ws, job, list(claims), force=force, verify=verify))
                 if force:
                     again -= {f for f in claims if (job.index, f) in forced}
-                for f in [f for f in claims if f not in again]:
+                if retry_failed:
+                    retry = {f: ids for f, ids in transient_failures(ws, job, [f for f in claims if f not in again]
+                                                                     ).items() if (job.index, f) not in forced}
+                for f in [f for f in claims if f not in again and f not in retry]:
                     summary.by_others[f] += 1
                     claims.pop(f).release()
             if claims:
-                stage.process(job, claims)
+                stage.process(job, claims, retry or None)
                 for f in claims:
-                    summary.processed[f] += 1
+                    if f in retry:
+                        summary.retried[f] += len(retry[f])
+                    else:
+                        summary.processed[f] += 1
                     forced.add((job.index, f))
                 summary.videos += job.planned.n_videos
         except ClaimLost as exc:
@@ -251,6 +283,9 @@ def run_sharded(stage: ShardedStage, workers: Workers, jobs: list[ShardJob], *, 
             still: list[tuple[ShardJob, list[str]]] = []
             for job, fields in waiting:
                 left = shard_todo(stage, ws, job, fields, verify=verify)
+                if retry_failed:
+                    done = [f for f in fields if f not in left]
+                    left += [f for f in transient_failures(ws, job, done) if (job.index, f) not in forced]
                 if force:
                     left = [f for f in left if (job.index, f) not in forced]
                 for f in fields:

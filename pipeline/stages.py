@@ -10,6 +10,7 @@ A change anywhere makes exactly the units downstream of it stale.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def extract_stage(ws: Workspace, cfg: Config, workers: Workers | None = None):
 
 
 def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bool = True,
-                verify: bool = False, dynamic: bool | None = None) -> RunSummary:
+                verify: bool = False, dynamic: bool | None = None, retry_failed: bool = False) -> RunSummary:
     """Extract the shards this process takes (see :func:`pipeline.runner.run_sharded`).
 
     ``dynamic`` overrides ``runner.mode`` (``mcn run`` uses it with several ranks, so that every rank
@@ -75,7 +76,7 @@ def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bo
     stage = extract_stage(ws, cfg, workers)
     rank, world = rank_and_world(partition=workers.cfg.mode == "static")
     summary = run_sharded(stage, workers, shard_jobs(ws), rank=rank, world=world, force=force,
-                          progress=progress, verify=verify)
+                          progress=progress, verify=verify, retry_failed=retry_failed)
     if rank == 0 or workers.cfg.mode == "dynamic":
         for f in stage.fields:  # each field's own settings: a change to one field rewrites only its file
             write_resolved(ws.field_config(f), getattr(cfg.extract, f), field=f,
@@ -93,12 +94,32 @@ class FieldState:
     stale: int = 0
     missing: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # reason → shards
-    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (video id, status, reason)
+    failed: list[tuple[str, str, str, bool]] = field(default_factory=list)  # (video id, status, reason, transient)
     records: FieldRecords | None = None  # the field's record summaries, for open_features
 
     @property
     def complete(self) -> bool:
         return self.stale == 0 and self.missing == 0
+
+
+def failure_summary(states: dict[str, FieldState], *, top: int = 8) -> list[str]:
+    """Failed videos by reason, most frequent first: ``"  12  video2d  decode: timeout: no progress
+    for N s (transient)"``.
+
+    Numbers in a reason are written ``N`` (``worker died (signal N)``, ``no progress for N s``), so
+    that file-specific details do not split one cause into many lines."""
+    counts: dict[tuple[str, str], int] = {}
+    for f, st in states.items():
+        for _, status, error, transient in st.failed:
+            if status != "failed":
+                continue
+            reason = re.sub(r"\d+(\.\d+)?", "N", str(error))[:100] + (" (transient)" if transient else "")
+            counts[(f, reason)] = counts.get((f, reason), 0) + 1
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [f"{n:6d}  {f:<8} {reason}" for (f, reason), n in rows[:top]]
+    if len(rows) > top:
+        lines.append(f"   ... {len(rows) - top} more reason(s): `mcn status` lists every failed video")
+    return lines
 
 
 def extract_states(ws: Workspace, cfg: Config, *, verify: bool = False) -> dict[str, FieldState]:
@@ -157,6 +178,27 @@ def find_run(ws: Workspace, name: str, lineage: Lineage) -> Path:
             return d
     unused = read_record(ws.run_record(first)) is None and latest_checkpoint(ws.checkpoints_dir(first)) is None
     return first if unused else other
+
+
+def find_continuation(ws: Workspace, name: str, lineage: Lineage, *, exclude: Path | None = None) -> Path | None:
+    """The latest checkpoint of the most recently trained other run of ``name`` (``runs/<name>`` or
+    ``runs/<name>-<fingerprint[:8]>``) whose config fingerprint is ``lineage.config``: where a run
+    over new features continues from (``allow_new_data``). None when there is none."""
+    best: tuple[int, Path] | None = None
+    for run_dir in ws.runs_of(name):
+        if exclude is not None and run_dir.resolve() == Path(exclude).resolve():
+            continue
+        rec = read_record(ws.run_record(run_dir))
+        lin = rec.get("lineage") if rec else None
+        if not isinstance(lin, dict) or lin.get("config") != lineage.config:
+            continue
+        ckpt = latest_checkpoint(ws.checkpoints_dir(run_dir))
+        if ckpt is None:
+            continue
+        when = ckpt.stat().st_mtime_ns
+        if best is None or when > best[0]:
+            best = (when, ckpt)
+    return best[1] if best else None
 
 
 def run_limit(cfg: Config, total_steps: int) -> int:
@@ -229,11 +271,19 @@ def train_state(ws: Workspace, cfg: Config, *, extract: dict[str, FieldState] | 
 
 
 def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_from: str | None = None,
-              progress: bool = True) -> Any:
+              progress: bool = True, allow_new_data: bool = False) -> Any:
     """Train the run of the current config and features (``runs/<evaluate.run>``, or beside it when
     that folder holds another lineage). A run that is done is not touched; an incomplete one resumes
-    from its latest checkpoint. Returns the ``TrainResult`` (``trained=False`` when it was done)."""
-    from model.distributed import broadcast_, cleanup, init_distributed
+    from its latest checkpoint. Returns the ``TrainResult`` (``trained=False`` when it was done).
+
+    ``allow_new_data``: a checkpoint made on other features may be resumed (``model.train.train``
+    recomputes the schedule); and a new run (other features, same config) that has no checkpoint
+    yet continues from the latest checkpoint of the most recent other run of the same name and
+    config (:func:`find_continuation`) instead of starting from scratch, in its own folder; its
+    record.json says where it was continued from (``continued_from``). Under DDP, collectives wait
+    ``train.dist_timeout_s`` for the other ranks.
+    """
+    from model.distributed import broadcast_, cleanup, collective_guard, init_distributed
     from model.train import TrainResult, train
 
     cfg.train.progress = cfg.train.progress and progress
@@ -254,14 +304,34 @@ def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_fro
 
     if ts.state.done:
         return done_result(ts)
+    # this run's own record (same lineage: an interrupted run) keeps where it was continued from
+    own = ts.state.record if (ts.state.record or {}).get("fingerprint") == ts.lineage.fingerprint else None
+    continued: dict[str, Any] | None = (own or {}).get("continued_from")
+    own_ckpts = ws.checkpoints_dir(ts.run_dir).resolve()
+    if resume not in (None, "latest") and Path(resume).resolve().parent != own_ckpts:
+        src = Path(resume)  # another run's checkpoint, given by the user
+        continued = {"run": src.parent.parent.name, "checkpoint": src.name, "path": str(src)}
+    elif (allow_new_data and resume in (None, "latest")
+            and latest_checkpoint(ws.checkpoints_dir(ts.run_dir)) is None):
+        src = find_continuation(ws, cfg.evaluate.run, ts.lineage, exclude=ts.run_dir)
+        if src is None:
+            logger.info("train: no earlier run %r with this config to continue from; starting from scratch",
+                        cfg.evaluate.run)
+        else:
+            resume = str(src)
+            continued = {"run": src.parent.parent.name, "checkpoint": src.name, "path": str(src)}
+            logger.info("train: new run %s continues run %s from %s (allow_new_data)", ts.run_dir.name,
+                        continued["run"], src.name)
     if world > 1:
-        init_distributed()
+        init_distributed(timeout_s=cfg.train.dist_timeout_s)
     workers = workers_for(ws, cfg)
     claim = None
     try:
         if rank == 0:
             claim = workers.claim(ws.run_unit(ts.run_dir), what=f"training run {ts.run_dir.name}")
-        go = _agree(rank == 0 and not run_state(ws, cfg, ts.run_dir, ts.lineage).done, world, broadcast_)
+            workers.sweep()  # temporary files of a killed run (a half-written checkpoint)
+        with collective_guard(lambda: "start-up"):
+            go = _agree(rank == 0 and not run_state(ws, cfg, ts.run_dir, ts.lineage).done, world, broadcast_)
         if not go:
             logger.info("train: run %s was completed by another process", ts.run_dir.name)
             return done_result(train_state(ws, cfg))
@@ -272,11 +342,13 @@ def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_fro
             config_path = ws.run_config(ts.run_dir)
             if not config_path.exists():  # the resolved config of a run is written once, at its creation
                 write_resolved(config_path, cfg.train, world_size=world, run=ts.run_dir.name)
-            _write_run_record(ws, ts, step=_ckpt_step(ts.run_dir), complete=False)
-        result = train(cfg.train, ts.features, ts.run_dir, resume=resume or "latest", init_from=init_from)
+            _write_run_record(ws, ts, step=_ckpt_step(ts.run_dir), complete=False, continued=continued,
+                              earlier=own)
+        result = train(cfg.train, ts.features, ts.run_dir, resume=resume or "latest", init_from=init_from,
+                       allow_new_data=allow_new_data)
         if rank == 0:
             _write_run_record(ws, ts, step=result.step, complete=result.step >= result.limit, result=result,
-                              world=world)
+                              world=world, continued=continued, earlier=own)
         return result
     finally:
         if claim is not None:
@@ -304,17 +376,32 @@ def _ckpt_step(run_dir: Path) -> int:
 
 
 def _write_run_record(ws: Workspace, ts: TrainState, *, step: int, complete: bool, result: Any = None,
-                      world: int = 1) -> None:
+                      world: int = 1, continued: dict[str, Any] | None = None,
+                      earlier: dict[str, Any] | None = None) -> None:
+    """The run's record.json. ``continued``: the run and checkpoint it was continued from, when it was
+    started from another run's checkpoint; ``data_change``: when (step, epoch) and why its data
+    changed under ``allow_new_data``. Both are kept from the ``earlier`` record of the same run."""
     from store.lineage import write_record
 
     payload: dict[str, Any] = {
         "name": ts.run_dir.name, "step": step, "complete": complete,
         "features": {"n_shards": len(ts.features.shards), "n_usable": ts.features.n_usable},
     }
+    if continued:
+        payload["continued_from"] = dict(continued)
+    if (earlier or {}).get("data_change"):
+        payload["data_change"] = earlier["data_change"]  # type: ignore[index]
     if result is not None:
+        ckpt = result.checkpoint
+        own = ckpt is not None and Path(ckpt).resolve().parent == ws.checkpoints_dir(ts.run_dir).resolve()
         payload.update(epoch=result.epoch, total_steps=result.total_steps, limit=result.limit,
-                       checkpoint=result.checkpoint.name if result.checkpoint else None,
-                       losses={k: float(v) for k, v in result.losses.items()}, world_size=world)
+                       checkpoint=ckpt.name if own else None,  # never another run's file
+                       losses={k: float(v) for k, v in result.losses.items()}, world_size=world,
+                       skipped_steps=int(getattr(result, "skipped_steps", 0)))
+        change = getattr(result, "data_change", None)
+        if change:
+            payload["data_change"] = {"step": change.get("step"), "epoch": change.get("epoch"),
+                                      "reason": change.get("reason")}
     write_record(ws.run_record(ts.run_dir), ws.run_unit(ts.run_dir), ts.lineage, **payload)
 
 
@@ -338,5 +425,5 @@ def current_checkpoint(ws: Workspace, cfg: Config, checkpoint: str | None = None
 
 
 __all__ = ["FieldState", "TrainState", "current_checkpoint", "extract_stage", "extract_states",
-           "find_run", "run_extract", "run_state", "run_train", "shard_jobs", "train_lineage", "train_state",
-           "workers_for"]
+           "find_continuation", "find_run", "run_extract", "run_state", "run_train", "shard_jobs",
+           "train_lineage", "train_state", "workers_for"]

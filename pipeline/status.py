@@ -54,9 +54,15 @@ def workspace_status(ws: Workspace, cfg: Config, *, verify: bool = False, max_it
     elif not verify:
         detail += " (--verify re-walks the videos folder)"
     failures = [f"failed  {p}: {w}" for p, w in rec.get("failures", [])]
+    failures += [f"skipped {p}: {w}" for p, w in rec.get("skipped", [])]
     lines.append(StageLine("scan", "", st.status, detail, _cap(failures, max_items)))
 
-    fields = extract_states(ws, cfg, verify=verify)
+    try:
+        fields = extract_states(ws, cfg, verify=verify)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:  # e.g. an extractor's weights are missing
+        lines.append(StageLine("extract", "", "unknown", f"cannot describe the extractors: {exc}"))
+        lines.append(StageLine("train", cfg.evaluate.run, "unknown", "waiting on extract"))
+        return lines
     n_shards = len(scan.shards)
     for f, fs in fields.items():
         status = "done" if fs.complete else ("stale" if fs.stale else "missing")
@@ -64,7 +70,8 @@ def workspace_status(ws: Workspace, cfg: Config, *, verify: bool = False, max_it
             (f", {fs.missing} missing" if fs.missing else "") + f"  ({fs.extractor})"
         if fs.reasons:
             detail += ": " + "; ".join(f"{r} ({n})" for r, n in sorted(fs.reasons.items()))
-        items = [f"{s:<11} {vid}: {why}" for vid, s, why in fs.failed]
+        items = [f"{s:<11} {vid}: {why}" + (" (transient: --retry-failed redoes it)" if transient else "")
+                 for vid, s, why, transient in fs.failed]
         lines.append(StageLine("extract", f, status, detail, _cap(items, max_items)))
 
     ts = train_state(ws, cfg, extract=fields)
@@ -135,10 +142,12 @@ def _cap(items: list[str], n: int) -> list[str]:
 
 
 def print_status(ws: Workspace, cfg: Config, *, verify: bool = False) -> int:
-    print(f"workspace {Path(ws.root).resolve()}")
+    from pipeline.terminal import terminal_safe
+
+    print(terminal_safe(f"workspace {Path(ws.root).resolve()}"))
     lines = workspace_status(ws, cfg, verify=verify)
     width = max([len(x.name) for x in lines] + [8])
     for line in lines:
         for text in line.render(width):
-            print(text)
+            print(terminal_safe(text))  # file names and reasons come from the data
     return 0

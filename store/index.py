@@ -34,7 +34,7 @@ from store.lineage import read_record
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 RACY_S = 2.0
 
 
@@ -46,7 +46,7 @@ class RecordSummary(NamedTuple):
     sha256: str | None
     extractor: str  # the record's extractor description, as canonical JSON (shared between shards)
     n_videos: int
-    problems: tuple[tuple[str, str, str], ...]  # (video id, status, error) of the videos that are not ok
+    problems: tuple[tuple[str, str, str, bool], ...]  # (video id, status, error, transient) of those not ok
 
     @property
     def extractor_dict(self) -> dict[str, Any]:
@@ -59,7 +59,7 @@ class RecordSummary(NamedTuple):
             return None
         ex = json.dumps(record.get("extractor") or {}, sort_keys=True)
         ex = interned.setdefault(ex, ex)
-        problems = tuple((str(v.get("id")), str(v.get("status")), str(v.get("error")))
+        problems = tuple((str(v.get("id")), str(v.get("status")), str(v.get("error")), bool(v.get("transient")))
                          for v in videos if isinstance(v, dict) and v.get("status") != OK)
         return cls(str(record.get("fingerprint")), record.get("bytes"), record.get("sha256"), ex, len(videos),
                    problems)
@@ -108,7 +108,7 @@ def field_records(ws: Workspace, field: str, *, interned: dict[str, str] | None 
 
     Index file: ``{"version", "folder": [mtime_ns, inode] or null, "extractors": [JSON, ...],
     "entries": {name: [mtime_ns, size, inode, fingerprint, bytes, sha256, extractor number, n_videos,
-    [[id, status, error], ...]]}}``.
+    [[id, status, error, transient], ...]]}}``.
     """
     folder = ws.field_dir(field)
     interned = {} if interned is None else interned

@@ -178,6 +178,12 @@ class Workspace:
     def run_names(self) -> list[str]:
         return _subdirs(self.runs_dir)
 
+    def runs_of(self, name: str) -> list[Path]:
+        """Every run folder of run ``name``, whatever its lineage: ``runs/<name>`` and the
+        ``runs/<name>-<fingerprint[:8]>`` beside it (see :meth:`run_dirs`)."""
+        pattern = re.compile(re.escape(name) + r"(-[0-9a-f]{8})?")
+        return [self.run_dir(n) for n in self.run_names() if pattern.fullmatch(n)]
+
     @staticmethod
     def run_record(run_dir: Path) -> Path:
         return Path(run_dir) / "record.json"
@@ -288,10 +294,12 @@ class Workspace:
         yield self.root
         for folder in (self.captions_dir, self.root / "cache", self.root / "cache" / "records", self.search_cache):
             yield folder
-        if self.features_dir.is_dir():
-            for entry in os.scandir(self.features_dir):
-                if entry.is_dir():
-                    yield Path(entry.path)
+        for parent in (self.features_dir, self.eval_root):
+            for name in _subdirs(parent):
+                yield parent / name
+        for name in self.run_names():
+            run = self.run_dir(name)
+            yield from (run, self.checkpoints_dir(run), self.logs_dir(run))
 
 
 def folder_state(folder: Path) -> Workspace:

@@ -207,7 +207,7 @@ def open_features(ws: Workspace, *, fields: Sequence[str] = FIELDS, check_sizes:
             if summary.extractor not in first:
                 first[summary.extractor] = idx
             column.append((idx, summary.fingerprint, summary.sha256, summary.bytes))
-            for vid, status, _ in summary.problems:
+            for vid, status, *_ in summary.problems:
                 unusable.setdefault(vid, {})[f] = status
         n_videos = max(x.n_videos for x in sums)
         # a video not listed among a field's problems is ok in it

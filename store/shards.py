@@ -8,7 +8,7 @@ record ``shard-NNNNNN.json``::
      "extractor": {"extractor", "version", "weights", "random_weights", "rate", "dim"},
      "dtype": "float16",                                      main array's dtype
      "n_videos", "n_ok", "n_failed",
-     "videos": [{"id", "status", "error"}, ...],              in sample order
+     "videos": [{"id", "status", "error"[, "transient": true]}, ...],   in sample order
      "bytes", "sha256"}                                       of the tar
 
 The writer first removes an old record (from then on the shard reads as missing), streams the tar to
@@ -98,12 +98,18 @@ class ShardWriter:
         self._writer = wds.TarWriter(self._fh, encoder=False, mtime=0.0, user="mcn", group="mcn")
         self.videos: list[dict[str, Any]] = []
 
-    def add(self, key: str, members: Mapping[str, bytes], status: str = OK, error: str | None = None) -> None:
-        """One sample: ``members`` maps extension (``json``, ``feat.npy``...) to encoded bytes."""
+    def add(self, key: str, members: Mapping[str, bytes], status: str = OK, error: str | None = None,
+            transient: bool = False) -> None:
+        """One sample: ``members`` maps extension (``json``, ``feat.npy``...) to encoded bytes.
+        ``transient``: a failure that may not happen again (a timeout, a crashed worker, out of
+        memory): ``mcn extract --retry-failed`` redoes such videos."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot")
         self._writer.write({"__key__": key, **members})
-        self.videos.append({"id": key, "status": status, "error": error})
+        entry: dict[str, Any] = {"id": key, "status": status, "error": error}
+        if transient:
+            entry["transient"] = True
+        self.videos.append(entry)
 
     def abort(self) -> None:
         try:

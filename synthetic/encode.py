@@ -53,7 +53,13 @@ def encode_video(video: VideoSpec, cfg: DemoDataConfig, mp4: Path, fingerprint: 
                 proc.wait()
                 tmp_mp4.unlink(missing_ok=True)
                 raise
-            rc = proc.wait()
+            try:
+                rc = proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:  # killed, not abandoned
+                proc.kill()
+                proc.wait()
+                tmp_mp4.unlink(missing_ok=True)
+                raise RuntimeError(f"ffmpeg did not finish {mp4.name} within 600 s") from None
         if rc != 0:
             tmp_mp4.unlink(missing_ok=True)
             raise RuntimeError(f"ffmpeg failed for {mp4.name} ({rc}): "

@@ -76,8 +76,12 @@ def video_fingerprint(video: VideoSpec, cfg: DemoDataConfig) -> str:
 
 
 def _stored_fingerprint(mp4: Path) -> str | None:
-    proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format_tags=comment",
-                           "-of", "default=nw=1:nk=1", str(mp4)], capture_output=True, text=True)
+    try:  # killed after a minute: a file that hangs ffprobe is simply regenerated
+        proc = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format_tags=comment",
+                               "-of", "default=nw=1:nk=1", str(mp4)], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL, errors="replace")
+    except subprocess.TimeoutExpired:
+        return None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 

@@ -26,7 +26,7 @@ def synthesize_speech(text: str, voice: str, speed: int, pitch: int,
     with tempfile.TemporaryDirectory(prefix="mcn-espeak-") as tmp:
         path = Path(tmp) / "speech.wav"
         cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         if proc.returncode != 0 or not path.exists():
             raise RuntimeError(f"espeak-ng failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
         with wave.open(str(path), "rb") as w:

@@ -20,52 +20,9 @@ from store.fields import FIELDS
 from store.layout import Workspace
 from store.lineage import read_record
 
+from tests.support import ROOT, copy_stage_outputs, mcn  # fixtures videos, extracted: tests/conftest.py
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def overrides(videos: Path) -> list[str]:
-    """configs/demo.yaml, shrunk to seconds of CPU."""
-    return [
-        "scan.shard_size=1",
-        "extract.decode.size_2d=64",
-        "extract.video2d.options={batch_size: 8}",
-        "train.batch_size=2", "train.epochs=3", "train.warmup_steps=2", "train.checkpoint_every=2",
-        "train.log_every=1", "train.tensorboard=false",
-        "train.model.embed_dim=32", "train.model.davenet_widths=[8,8,8,16,16]", "train.model.davenet_dim=16",
-        "train.model.recon_dim=16",
-        "train.kmeans.k=4", "train.kmeans.queue_batches=2", "train.kmeans.queue_clips_per_video=2",
-        "train.kmeans.refit_every=2",
-        "train.data.n_pair=4", "train.data.audio_frames=200", "train.data.num_workers=0",
-        f"evaluate.sets=[{{name: heldout, videos: {videos / 'heldout'}, audio_frames: 200}}]",
-    ]
-
-
-def mcn(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, **kw)
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    from synthetic import DemoDataConfig, generate_demo_data
-
-    out = tmp_path_factory.mktemp("e2e") / "videos"
-    generate_demo_data(DemoDataConfig(out_dir=out, n_videos=3, n_heldout=2, segments_per_video=(2, 2),
-                                      min_seconds=3.0, max_seconds=3.0, width=96, height=64, fps=12,
-                                      heldout_fraction=0.2, progress=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def extracted(videos, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A workspace after `mcn run --only extract` (scan first), shared by the tests below."""
-    ws = tmp_path_factory.mktemp("e2e_ws") / "ws"
-    common = ["--config", "configs/demo.yaml", "--workspace", str(ws), "--no-progress", *overrides(videos)]
-    for stage in ("scan", "extract"):
-        proc = mcn("run", "--videos", str(videos / "train"), "--only", stage, *common)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return ws, common
 
 
 def test_run_end_to_end_and_rerun_after_sigkill(videos, extracted, tmp_path):
@@ -175,21 +132,13 @@ def test_a_change_redoes_exactly_what_is_downstream(videos, extracted, tmp_path)
     assert _snapshot(w) == settled  # nothing changed: no file written
 
 
-def _scanned_copy(ws: Path, dest: Path) -> Path:
-    dest.mkdir()
-    for name in ("manifest.jsonl", "scan.json", "captions"):
-        src = ws / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    return dest
-
-
 def test_many_extract_processes_write_each_shard_once(videos, extracted, tmp_path):
     """Static ranks 0 and 1 of 2, a second rank 0 (a restarted array task), then a dynamic worker
     joining late; where unshare is allowed, two of them run as PID 1 of their own PID namespace. All
     exit 0, each (shard, field) is written by exactly one process, and the shards are byte-identical
     to a single-process run."""
     ws, common = extracted
-    many = _scanned_copy(ws, tmp_path / "many")
+    many = copy_stage_outputs(ws, tmp_path / "many", ("scan",))
     args = [c if c != str(ws) else str(many) for c in common]
     pidns = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
     ns = ["unshare", "--pid", "--fork", "--mount-proc"] if pidns else []

@@ -1,12 +1,9 @@
-"""The `extract` stage end to end on generated media: shards, rates, norms, bad inputs, caching, resume."""
+"""The `extract` stage end to end on generated media: shards, rates, norms, bad inputs, caching. Killed and
+resumed: tests/test_faults.py."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,41 +151,6 @@ def test_rerun_skips_and_text_change_redoes_only_text(extracted, videos):
     assert samples(ws, "text")["cfr"]["lengths.npy"].tolist() == [3, 3]
     for f in ("video2d", "video3d", "audio"):
         assert ws.shard_tar(f, 0).read_bytes() == before[f]
-
-
-def _extract_cmd(ws: Path, tmp: Path, shard_size: int) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "extract", "--workspace", str(ws), "--no-progress",
-            *overrides(tmp, shard_size)]
-
-
-def test_sigkill_mid_extract_resumes_byte_identical(videos, tmp_path, cfr_mp4, short_mp4, vp9_webm):
-    root = tmp_path / "v"
-    root.mkdir()
-    for name, src in (("a.mp4", cfr_mp4), ("b.mp4", short_mp4), ("c.webm", vp9_webm)):
-        (root / name).symlink_to(src)
-    (root / "a.srt").write_text(CAPTIONS)
-    results = {}
-    for name in ("killed", "clean"):
-        ws = Workspace(tmp_path / name)
-        cfg = load_config(None, overrides(tmp_path, shard_size=1))
-        scan(root, ws, cfg.scan, progress=False)
-        if name == "killed":
-            proc = subprocess.Popen(_extract_cmd(ws.root, tmp_path, 1), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and read_record(ws.shard_record("text", 0)) is None:
-                time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            assert read_record(ws.shard_record("text", 2)) is None, "killed too late: nothing left to resume"
-        subprocess.run(_extract_cmd(ws.root, tmp_path, 1), check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        results[name] = {(f, j.index): ws.shard_tar(f, j.index).read_bytes() for f in FIELDS for j in shard_jobs(ws)}
-        assert not list(ws.root.rglob(".*.tmp-*"))  # the killed writer's temporary files were swept
-        assert not list(ws.locks_dir.rglob("*.lock")) and not any(ws.scratch_root.iterdir())
-    assert results["killed"].keys() == results["clean"].keys() and len(results["clean"]) == 12
-    for key, data in results["clean"].items():
-        assert results["killed"][key] == data, key
 
 
 def test_cheap_describe_equals_the_built_extractors(extracted):

@@ -39,7 +39,7 @@ class ToyStage:
     def lineage(self, field, job):
         return Lineage(config=fingerprint(field, self.scale), code="toy-1", inputs={"videos": job.planned.videos})
 
-    def process(self, job, claims):
+    def process(self, job, claims, retry=None):
         self.calls.append((job.index, tuple(claims)))
         for f, claim in claims.items():
             w = ShardWriter(self.ws, f, job.index, self.lineage(f, job), {"extractor": "toy", "rate": 1.0, "dim": 2},

@@ -325,7 +325,7 @@ def test_record_index_reads_each_record_once_and_sees_replacements(tmp_path, mon
     first = field_records(ws, "audio")
     assert sorted(reads) == ["shard-000000.json", "shard-000001.json", "shard-000002.json"]
     assert ws.field_index("audio").is_file()
-    assert first.records[0].problems == (("v0", "no_audio", "silent"),) and first.records[1].problems == ()
+    assert first.records[0].problems == (("v0", "no_audio", "silent", False),) and first.records[1].problems == ()
     assert first.tar_sizes == {i: ws.shard_tar("audio", i).stat().st_size for i in range(3)}
     assert first.records[2].bytes == first.tar_sizes[2] and json.loads(first.records[2].extractor)["rate"] == 100.0
     reads.clear()
@@ -337,7 +337,7 @@ def test_record_index_reads_each_record_once_and_sees_replacements(tmp_path, mon
     w.add("v1", {"json": encode_json({})}, status="failed", error="boom")
     w.commit()  # a replaced record: new inode, read again
     third = field_records(ws, "audio")
-    assert reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom"),)
+    assert reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom", False),)
     assert third.records[1].fingerprint == Lineage("c2", "code", {}).fingerprint
     ws.shard_record("audio", 2).unlink()
     ws.field_index("audio").write_text("{not json")  # a damaged index is only a cache
@@ -393,6 +393,6 @@ def test_record_index_trusts_a_settled_folder_but_always_checks_tar_sizes(tmp_pa
     assert again.tar_sizes[1] == tar.stat().st_size != again.records[1].bytes  # the size check still sees it
     write(1, "failed")  # replaced by rename: the folder changed
     third = field_records(ws, "video2d")
-    assert stats and reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom"),)
+    assert stats and reads == ["shard-000001.json"] and third.records[1].problems == (("v1", "failed", "boom", False),)
     # listed within RACY_S of its last change: not trusted next time
     assert json.loads(ws.field_index("video2d").read_text())["folder"] is None
