@@ -9,13 +9,22 @@ later scan probes the file again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
 import subprocess
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.walk import display_path
+
+logger = logging.getLogger(__name__)
 
 FFPROBE = "ffprobe"  # looked up on PATH at every call
 
@@ -176,3 +185,137 @@ def _number(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return x if x == x and x not in (float("inf"), float("-inf")) else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Probing a folder's files: the cache and the pool
+
+
+class ProbeCache:
+    """Append-only JSONL of probe results keyed by (path, size, mtime); tolerates a torn last line.
+    Only definite results are cached: a probe that timed out is tried again by the next scan."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    try:
+                        item = json.loads(line)
+                        if not item.get("ok") and str(item.get("error", "")).startswith("ffprobe timed out"):
+                            continue  # cached by scans before scan-3: a timeout says nothing of the file
+                        self.entries[item["key"]] = item
+                    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                        continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def key(abs_path: Path) -> str | None:
+        try:
+            st = abs_path.stat()
+        except OSError:
+            return None
+        return f"{abs_path}|{st.st_size}|{st.st_mtime_ns}"
+
+    def get(self, key: str | None) -> dict | None:
+        return self.entries.get(key) if key else None
+
+    def put(self, key: str | None, item: dict) -> None:
+        if key is None or item.get("transient"):
+            return
+        item = {"key": key, **item}
+        self.entries[key] = item
+        self._fh.write(json.dumps(item) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class _Running:
+    """The ffprobe processes of one :func:`probe_all`, killed all at once when it is interrupted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[Any] = set()
+        self._closed = False
+
+    def add(self, proc: Any) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            closed = self._closed
+        if closed:
+            kill_group(proc)
+
+    def discard(self, proc: Any) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            procs = list(self._procs)
+        for proc in procs:
+            kill_group(proc)
+
+
+def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None) -> dict:
+    """``{"ok": True, "info": fields}`` or ``{"ok": False, "error": reason}``, with ``"transient":
+    True`` for a failure of this run only (timeout, ffprobe not runnable, an unexpected error)."""
+    try:
+        return {"ok": True, "info": probe_video(abs_path, timeout=timeout, running=running)}
+    except ProbeError as exc:
+        item: dict[str, Any] = {"ok": False, "error": str(exc)}
+        if not exc.cacheable:
+            item["transient"] = True
+        return item
+    except Exception as exc:  # a bug or an odd file must cost that file only, never the scan
+        logger.exception("scan: probing %s failed", display_path(str(abs_path)))
+        return {"ok": False, "error": f"probe failed ({type(exc).__name__}: {exc})", "transient": True}
+
+
+def probe_all(root: Path, paths: list[str], cache: ProbeCache, *, workers: int, timeout_s: float,
+              progress: bool) -> tuple[dict[str, dict], int]:
+    """Probe every path (cached ones skipped) with a thread pool, at most ``workers`` at once.
+
+    Each ffprobe is killed after ``timeout_s`` (:func:`run_ffprobe`), so every
+    thread ends; the pool is shut down with all its threads joined, also when interrupted (the running
+    ffprobe processes are killed first). Returns (results by path, number of probes run).
+    """
+    results: dict[str, dict] = {}
+    todo: list[tuple[str, str | None]] = []
+    for rel in paths:
+        key = ProbeCache.key(root / rel)
+        hit = cache.get(key)
+        if hit is not None:
+            results[rel] = hit
+        else:
+            todo.append((rel, key))
+    bar = tqdm(total=len(paths), initial=len(results), desc="scan", unit="video", disable=not progress)
+    n_workers = max(1, workers)
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe")
+    running = _Running()
+    pending: dict[Future, tuple[str, str | None]] = {}
+    queue = list(reversed(todo))
+    finished = False
+    try:
+        while queue or pending:
+            while queue and len(pending) < n_workers:
+                rel, key = queue.pop()
+                pending[pool.submit(_probe_one, root / rel, timeout_s, running)] = (rel, key)
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                rel, key = pending.pop(fut)
+                item = fut.result()
+                results[rel] = item
+                cache.put(key, item)
+                bar.update(1)
+        finished = True
+    finally:
+        if not finished:
+            running.kill_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return results, len(todo)

@@ -24,26 +24,21 @@ removed, durably, before any output is rewritten, and written last).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import stat
-import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.captions import (
-    SIDECAR_SUFFIXES,
     CaptionError,
     clean_captions,
     read_caption_file,
     read_sidecar,
 )
-from pipeline.probe import ProbeError, kill_group, probe_video
+from pipeline.probe import ProbeCache, probe_all
+from pipeline.terminal import terminal_safe
+from pipeline.walk import display_path, find_sidecar, name_problem, walk_videos
 from pipeline.runner import Workers, run_unit
 from store import atomic
 from store.claims import Claim
@@ -96,306 +91,6 @@ class ScanResult:
                    n_shards=record["n_shards"], n_probed=0,
                    failures=[(str(p), str(w)) for p, w in record.get("failures", [])], up_to_date=True,
                    skipped=[(str(p), str(w)) for p, w in record.get("skipped", [])])
-
-
-# --------------------------------------------------------------------------------------------------
-# Names
-
-
-def display_path(rel: str) -> str:
-    """``rel`` as it is recorded (JSON/UTF-8-writable): bytes that are not UTF-8 become ``\\xNN``."""
-    try:
-        rel.encode("utf-8")
-        return rel
-    except UnicodeEncodeError:
-        return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
-def name_problem(rel: str) -> str | None:
-    """The reason a relative path cannot be used as a name (not valid UTF-8), None when it can."""
-    try:
-        rel.encode("utf-8")
-        return None
-    except UnicodeEncodeError:
-        pass
-    data = os.fsencode(rel)
-    try:
-        data.decode("utf-8")
-        return None
-    except UnicodeDecodeError as exc:
-        where = "file" if data.rfind(b"/") < exc.start else "folder"
-        return (f"{where} name is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start} of the "
-                "path): rename it")
-
-
-def one_line(text: str) -> str:
-    """A reason as one line: control characters (newlines in file names...) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _suffix(name: str) -> str:
-    """The extension of a file name, lower-cased (``PurePosixPath.suffix`` rules)."""
-    i = name.rfind(".")
-    return name[i:].lower() if 0 < i < len(name) - 1 else ""
-
-
-# --------------------------------------------------------------------------------------------------
-# The walk
-
-
-@dataclass
-class Walk:
-    """What :func:`walk_videos` found under a videos root."""
-
-    paths: list[str]  # relative POSIX paths of the video files, sorted (str with surrogate escapes)
-    skipped: list[tuple[str, str]]  # (relative path, reason) of what was not walked, sorted
-    links: set[str] = field(default_factory=set)  # the video paths that are symlinks themselves
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def walk_videos(root: Path, extensions: list[str]) -> Walk:
-    """Walk ``root`` for files with one of ``extensions`` (any case); hidden names are ignored.
-
-    Real folders are walked first; then folder symlinks, in path order, are followed only while their
-    target (resolved) stays inside the resolved root and was not walked yet (folders are known by
-    ``(st_dev, st_ino)``), so loops and repeated folders are walked once. Every folder symlink not
-    followed, broken symlink and unreadable folder is in ``skipped``. File symlinks are videos
-    wherever they point (symlink farms); a broken one with a video extension is listed as a video
-    (its probe records why it cannot be used).
-    """
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    root_real = os.path.realpath(root)
-    found: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    links: set[str] = set()
-    visited: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of every folder walked → its path
-    folder_links: list[tuple[str, str]] = []  # (relative path, absolute path) of folder symlinks seen
-
-    def walk_tree(rel_top: str, abs_top: str) -> None:
-        stack = [(rel_top, abs_top)]
-        while stack:
-            rel_dir, abs_dir = stack.pop()
-            try:
-                with os.scandir(abs_dir) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as exc:
-                skipped.append((rel_dir or ".", f"cannot list folder ({exc.strerror or exc})"))
-                continue
-            subdirs: list[tuple[str, str]] = []
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-                try:
-                    is_link = e.is_symlink()
-                    # a stat call for symlinks and folders only (files are known from the listing)
-                    st = os.stat(e.path) if is_link else (e.stat(follow_symlinks=False)
-                                                          if e.is_dir(follow_symlinks=False) else None)
-                except OSError as exc:
-                    if _suffix(e.name) in exts:
-                        found.append(rel)  # a broken link named like a video: its probe says why
-                        if is_link:
-                            links.add(rel)
-                    else:
-                        why = "broken symlink" if is_link else f"cannot stat ({exc.strerror})"
-                        skipped.append((rel, why))
-                    continue
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    if is_link:
-                        folder_links.append((rel, e.path))
-                        continue
-                    key = (st.st_dev, st.st_ino)
-                    if key in visited:  # a bind mount, or a folder walked through a symlink before
-                        skipped.append((rel, f"folder already walked (as {display_path(visited[key])})"))
-                        continue
-                    visited[key] = rel
-                    subdirs.append((rel, e.path))
-                elif _suffix(e.name) in exts:
-                    found.append(rel)
-                    if is_link:
-                        links.add(rel)
-            stack.extend(reversed(subdirs))
-
-    try:
-        st = os.stat(root)
-        visited[(st.st_dev, st.st_ino)] = "."
-    except OSError:
-        pass
-    walk_tree("", str(root))
-    while folder_links:
-        folder_links.sort()
-        rel, link = folder_links.pop(0)
-        try:
-            target = os.path.realpath(link)
-            st = os.stat(link)
-        except OSError:
-            skipped.append((rel, "broken symlink"))
-            continue
-        if not _within(target, root_real):
-            skipped.append((rel, "symlink to a folder outside the videos root"))
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in visited:
-            parent = os.path.realpath(os.path.dirname(link))
-            if _within(parent, target):
-                skipped.append((rel, "symlink to a folder already walked (loop)"))
-            else:
-                skipped.append((rel, f"symlink to a folder already walked (as {display_path(visited[key])})"))
-            continue
-        visited[key] = rel
-        walk_tree(rel, target)
-    return Walk(paths=sorted(found), skipped=sorted(skipped), links=links)
-
-
-def find_videos(root: Path, extensions: list[str]) -> list[str]:
-    """Relative POSIX paths of the video files under `root`, sorted (see :func:`walk_videos`)."""
-    return walk_videos(root, extensions).paths
-
-
-def find_sidecar(video: Path) -> Path | None:
-    """The side-car caption file of ``video`` (same stem, ``.srt``/``.vtt``/``.json``, either case)."""
-    for suffix in SIDECAR_SUFFIXES:
-        for cand in (video.with_suffix(suffix), video.with_suffix(suffix.upper())):
-            try:
-                if cand.is_file():
-                    return cand
-            except OSError:  # e.g. a 255-byte video name whose ".json" side-car name is too long
-                continue
-    return None
-
-
-class ProbeCache:
-    """Append-only JSONL of probe results keyed by (path, size, mtime); tolerates a torn last line.
-    Only definite results are cached: a probe that timed out is tried again by the next scan."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        if path.exists():
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    try:
-                        item = json.loads(line)
-                        if not item.get("ok") and str(item.get("error", "")).startswith("ffprobe timed out"):
-                            continue  # cached by scans before scan-3: a timeout says nothing of the file
-                        self.entries[item["key"]] = item
-                    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                        continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "a", encoding="utf-8")
-
-    @staticmethod
-    def key(abs_path: Path) -> str | None:
-        try:
-            st = abs_path.stat()
-        except OSError:
-            return None
-        return f"{abs_path}|{st.st_size}|{st.st_mtime_ns}"
-
-    def get(self, key: str | None) -> dict | None:
-        return self.entries.get(key) if key else None
-
-    def put(self, key: str | None, item: dict) -> None:
-        if key is None or item.get("transient"):
-            return
-        item = {"key": key, **item}
-        self.entries[key] = item
-        self._fh.write(json.dumps(item) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-class _Running:
-    """The ffprobe processes of one :func:`probe_all`, killed all at once when it is interrupted."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._procs: set[Any] = set()
-        self._closed = False
-
-    def add(self, proc: Any) -> None:
-        with self._lock:
-            self._procs.add(proc)
-            closed = self._closed
-        if closed:
-            kill_group(proc)
-
-    def discard(self, proc: Any) -> None:
-        with self._lock:
-            self._procs.discard(proc)
-
-    def kill_all(self) -> None:
-        with self._lock:
-            self._closed = True
-            procs = list(self._procs)
-        for proc in procs:
-            kill_group(proc)
-
-
-def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None) -> dict:
-    """``{"ok": True, "info": fields}`` or ``{"ok": False, "error": reason}``, with ``"transient":
-    True`` for a failure of this run only (timeout, ffprobe not runnable, an unexpected error)."""
-    try:
-        return {"ok": True, "info": probe_video(abs_path, timeout=timeout, running=running)}
-    except ProbeError as exc:
-        item: dict[str, Any] = {"ok": False, "error": str(exc)}
-        if not exc.cacheable:
-            item["transient"] = True
-        return item
-    except Exception as exc:  # a bug or an odd file must cost that file only, never the scan
-        logger.exception("scan: probing %s failed", display_path(str(abs_path)))
-        return {"ok": False, "error": f"probe failed ({type(exc).__name__}: {exc})", "transient": True}
-
-
-def probe_all(root: Path, paths: list[str], cache: ProbeCache, cfg: ScanConfig, progress: bool) -> tuple[dict[str, dict], int]:
-    """Probe every path (cached ones skipped) with a thread pool, at most ``probe_workers`` at once.
-
-    Each ffprobe is killed after ``probe_timeout_s`` (:func:`pipeline.probe.run_ffprobe`), so every
-    thread ends; the pool is shut down with all its threads joined, also when interrupted (the running
-    ffprobe processes are killed first). Returns (results by path, number of probes run).
-    """
-    results: dict[str, dict] = {}
-    todo: list[tuple[str, str | None]] = []
-    for rel in paths:
-        key = ProbeCache.key(root / rel)
-        hit = cache.get(key)
-        if hit is not None:
-            results[rel] = hit
-        else:
-            todo.append((rel, key))
-    bar = tqdm(total=len(paths), initial=len(results), desc="scan", unit="video", disable=not progress)
-    n_workers = max(1, cfg.probe_workers)
-    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe")
-    running = _Running()
-    pending: dict[Future, tuple[str, str | None]] = {}
-    queue = list(reversed(todo))
-    finished = False
-    try:
-        while queue or pending:
-            while queue and len(pending) < n_workers:
-                rel, key = queue.pop()
-                pending[pool.submit(_probe_one, root / rel, cfg.probe_timeout_s, running)] = (rel, key)
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                rel, key = pending.pop(fut)
-                item = fut.result()
-                results[rel] = item
-                cache.put(key, item)
-                bar.update(1)
-        finished = True
-    finally:
-        if not finished:
-            running.kill_all()
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    return results, len(todo)
 
 
 def _plan_shards(records: list[VideoRecord], previous: dict[str, int], shard_size: int) -> None:
@@ -465,7 +160,7 @@ def read_inputs(root: Path, cfg: ScanConfig) -> Inputs:
         keep = min(group, key=lambda r: (r in walk.links, r))
         same_file.update((r, display_path(keep)) for r in group if r != keep)
     return Inputs(paths=walk.paths, listing=listing, stats=stats, same_file=same_file,
-                  skipped=[(display_path(rel), one_line(why)) for rel, why in walk.skipped])
+                  skipped=[(display_path(rel), terminal_safe(why)) for rel, why in walk.skipped])
 
 
 def list_inputs(root: Path, cfg: ScanConfig) -> tuple[list[str], list[list[Any]]]:
@@ -581,7 +276,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
 
     logger.info("scan: %d video files under %s", len(paths), root)
     for rel, why in inputs.skipped:
-        logger.warning("scan: skipped %s: %s", one_line(rel), why)
+        logger.warning("scan: skipped %s: %s", terminal_safe(rel), why)
 
     # Ids and the failures known before probing. The first path of a plain id keeps it; the others
     # (same path but for the extension) get the disambiguated id, which no plain id can equal.
@@ -612,7 +307,8 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
 
     cache = ProbeCache(ws.probe_cache)
     try:
-        probes, n_probed = probe_all(root, to_probe, cache, cfg, progress)
+        probes, n_probed = probe_all(root, to_probe, cache, workers=cfg.probe_workers, timeout_s=cfg.probe_timeout_s,
+                                     progress=progress)
     finally:
         cache.close()
 
@@ -655,8 +351,8 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
     _unique_ids(records, rel_of, captions)
     for rec in records:  # every reason is one line, whatever the file names hold
         if rec.error is not None:
-            rec.error = one_line(rec.error)
-        rec.warnings = [one_line(w) for w in rec.warnings]
+            rec.error = terminal_safe(rec.error)
+        rec.warnings = [terminal_safe(w) for w in rec.warnings]
 
     _plan_shards(records, previous, cfg.shard_size)
     records.sort(key=lambda r: (r.shard, r.path))
@@ -677,7 +373,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
             ws.captions(stale).unlink()
     failures = [(r.path, r.error or "") for r in records if not r.ok]
     for rel, why in failures:
-        logger.warning("scan: %s: %s", one_line(rel), why)
+        logger.warning("scan: %s: %s", terminal_safe(rel), why)
     result = ScanResult(
         n_videos=len(records),
         n_ok=len(records) - len(failures),
@@ -725,7 +421,7 @@ def _unique_ids(records: list[VideoRecord], rel_of: dict[int, str],
             rec.id = f"{vid}-x--{n}"
             used.add(rec.id)
             why = f"id {vid} is also the id of {keeper.path}"
-            logger.error("scan: %s: %s", one_line(rec.path), why)
+            logger.error("scan: %s: %s", terminal_safe(rec.path), why)
             if rec.ok:
                 rec.fail(why)
                 captions.pop(id(rec), None)
