@@ -41,7 +41,8 @@ def build(ws_root: Path, n_shards: int) -> None:
     from pipeline.evaluate import eval_lineage
     from pipeline.evalsets import find_set
     from pipeline.scan import list_inputs, scan_lineage
-    from pipeline.stages import extract_stage, shard_jobs, train_lineage
+    from pipeline.stages import extract_stage, shard_jobs
+    from pipeline.training import train_lineage
     from store import atomic
     from store.fields import FIELDS
     from store.layout import Workspace, checkpoint_name

@@ -253,7 +253,7 @@ def cmd_demo_data(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
-    from pipeline.stages import run_train
+    from pipeline.training import run_train
 
     if args.name:
         cfg.evaluate.run = args.name
@@ -340,7 +340,7 @@ def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     from evaluation.search import search_text
     from model.checkpoint import load_mcn
     from pipeline.search import search_index, text_extractor
-    from pipeline.stages import current_checkpoint
+    from pipeline.training import current_checkpoint
 
     ckpt = current_checkpoint(ws, cfg, args.checkpoint)
     model = load_mcn(ckpt)

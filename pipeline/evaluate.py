@@ -25,7 +25,8 @@ from extractors.base import resolve_device
 from pipeline.config import Config, write_resolved
 from pipeline.evalsets import STEP_KINDS, EvalSetConfig, EvaluateConfig, annotation_captions, find_set
 from pipeline.runner import run_unit
-from pipeline.stages import current_checkpoint, extract_stage, run_extract, workers_for
+from pipeline.stages import extract_stage, run_extract, workers_for
+from pipeline.training import current_checkpoint
 from store import atomic
 from store.claims import Claim
 from store.layout import Workspace

@@ -37,7 +37,8 @@ def run_pipeline(ws: Workspace, cfg: Config, videos: Path, *, from_stage: str | 
     from pipeline.config import write_resolved
     from pipeline.evaluate import evaluate_set, format_table
     from pipeline.scan import scan
-    from pipeline.stages import extract_states, failure_summary, run_extract, run_train, train_state, workers_for
+    from pipeline.stages import extract_states, failure_summary, run_extract, workers_for
+    from pipeline.training import run_train, train_state
 
     stages = selected_stages(from_stage, only)
     lines: list[str] = []

@@ -37,7 +37,8 @@ def workspace_status(ws: Workspace, cfg: Config, *, verify: bool = False, max_it
     from pipeline.evaluate import eval_lineage, eval_state
     from pipeline.evalsets import find_set
     from pipeline.scan import list_inputs, scan_state
-    from pipeline.stages import extract_states, train_state
+    from pipeline.stages import extract_states
+    from pipeline.training import train_state
 
     lines: list[StageLine] = []
     try:

@@ -12,7 +12,7 @@ import pytest
 from model.checkpoint import load_checkpoint
 from model.data import DataConfig
 from model.train import data_record
-from pipeline import stages
+from pipeline import training
 from pipeline.config import Config
 from store.layout import Workspace
 from store.lineage import read_record
@@ -29,8 +29,8 @@ def pipeline_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Worksp
     extract config) is not there, so it is taken as current."""
     ws = Workspace(tmp_path / "ws")
     make_features(ws, n_shards=3, per_shard=4, seed=1, specials=False, duration=24.0, structured=True)
-    monkeypatch.setattr(stages, "extract_states", lambda *a, **kw: {})
-    monkeypatch.setattr(stages, "features_upstream", lambda *a, **kw: [])
+    monkeypatch.setattr(training, "extract_states", lambda *a, **kw: {})
+    monkeypatch.setattr(training, "features_upstream", lambda *a, **kw: [])
     cfg = Config()
     cfg.train = tiny_config(checkpoint_every=4, data=DataConfig(n_pair=4, audio_frames=64, num_workers=0,
                                                                 shuffle_buffer=4, batches_per_epoch=None))
@@ -47,7 +47,7 @@ def add_shards(ws: Workspace) -> None:
 @pytest.mark.slow
 def test_run_train_with_allow_new_data_continues_the_old_run_beside_it(pipeline_ws) -> None:
     ws, cfg = pipeline_ws
-    old = stages.run_train(ws, cfg, progress=False)
+    old = training.run_train(ws, cfg, progress=False)
     old_dir = ws.run_dir("default")
     assert (old.step, old.total_steps, old.trained) == (12, 12, True)  # 4 epochs × 3 batches
     before = open_features(ws)
@@ -55,12 +55,12 @@ def test_run_train_with_allow_new_data_continues_the_old_run_beside_it(pipeline_
     old_files = snapshot(old_dir)
 
     cfg.train.max_steps = 16  # the new run stops at step 16, then resumes from its own checkpoint
-    part = stages.run_train(ws, cfg, progress=False, allow_new_data=True)
+    part = training.run_train(ws, cfg, progress=False, allow_new_data=True)
     assert (part.step, part.total_steps, part.data_change["step"]) == (16, 20, 12)
     cfg.train.max_steps = None
-    res = stages.run_train(ws, cfg, progress=False)
+    res = training.run_train(ws, cfg, progress=False)
     assert res.data_change is None  # the same data as its own checkpoint: no change this time
-    ts = stages.train_state(ws, cfg)
+    ts = training.train_state(ws, cfg)
     new_dir = ts.run_dir
     assert new_dir.name == f"default-{ts.lineage.fingerprint[:8]}" and ts.state.done
     assert snapshot(old_dir) == old_files  # the old run is never written to
@@ -82,17 +82,17 @@ def test_run_train_with_allow_new_data_continues_the_old_run_beside_it(pipeline_
     assert state["data_history"] == [{**data_record(before, 3, 12), "until_step": 12}]
     assert bad_tensors(state) == []
     # done now: a second call trains nothing, with or without the flag
-    again = stages.run_train(ws, cfg, progress=False, allow_new_data=True)
+    again = training.run_train(ws, cfg, progress=False, allow_new_data=True)
     assert (again.trained, again.step) == (False, 20)
 
 
 def test_run_train_over_new_data_without_the_flag_starts_from_scratch(pipeline_ws) -> None:
     ws, cfg = pipeline_ws
     cfg.train.max_steps = 2
-    stages.run_train(ws, cfg, progress=False)
+    training.run_train(ws, cfg, progress=False)
     add_shards(ws)
-    res = stages.run_train(ws, cfg, progress=False)
-    new_dir = stages.train_state(ws, cfg).run_dir
+    res = training.run_train(ws, cfg, progress=False)
+    new_dir = training.train_state(ws, cfg).run_dir
     assert new_dir != ws.run_dir("default")
     assert (res.step, res.total_steps, res.data_change) == (2, 20, None)
     assert sorted(read_log(new_dir)) == [1, 2]
@@ -102,16 +102,16 @@ def test_run_train_over_new_data_without_the_flag_starts_from_scratch(pipeline_w
 def test_run_train_resume_of_a_checkpoint_on_other_features_is_refused(pipeline_ws) -> None:
     ws, cfg = pipeline_ws
     cfg.train.max_steps = 2
-    stages.run_train(ws, cfg, progress=False)
+    training.run_train(ws, cfg, progress=False)
     ckpt = ws.run_dir("default") / "checkpoints" / "step-000002.pt"
     add_shards(ws)
     with pytest.raises(ValueError, match=r"^cannot resume from .*step-000002\.pt: the features changed since this "
                                          r"checkpoint \(3 shards, 12 usable videos -> 5 shards, 20\): pass "
                                          r"--allow-new-data to continue on the new data with a recomputed schedule$"):
-        stages.run_train(ws, cfg, progress=False, resume=str(ckpt))
-    res = stages.run_train(ws, cfg, progress=False, resume=str(ckpt), allow_new_data=True)
+        training.run_train(ws, cfg, progress=False, resume=str(ckpt))
+    res = training.run_train(ws, cfg, progress=False, resume=str(ckpt), allow_new_data=True)
     assert (res.step, res.total_steps) == (2, 20)  # max_steps 2: reached already; the new run holds it
-    new_dir = stages.train_state(ws, cfg).run_dir
+    new_dir = training.train_state(ws, cfg).run_dir
     assert load_checkpoint(new_dir / "checkpoints" / "step-000002.pt")["data"]["n_shards"] == 5
     assert read_record(ws.run_record(new_dir))["continued_from"] == {"run": "default", "checkpoint": "step-000002.pt",
                                                                      "path": str(ckpt)}
