@@ -22,7 +22,8 @@ from store.layout import Workspace
 from store.lineage import read_record
 from store.reader import iter_raw, iter_samples
 
-from .test_extract_stage import CAPTIONS, make_word2vec
+from .test_extract_stage import CAPTIONS
+from .test_extract_stage import overrides as stage_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +43,8 @@ def _video(path: Path, size: str, seconds: float = 2.0, audio: bool = True) -> P
 
 
 def overrides(tmp: Path, **extra: str) -> list[str]:
-    return [
-        "scan.shard_size=64", "extract.allow_random_weights=true", "extract.decode.size_2d=64",
-        "extract.workers.num_workers=1", "extract.workers.timeout_s=60",
-        f"extract.text.options={{weights: {make_word2vec(tmp / 'w2v.bin')}}}",
-        "extract.video2d.options={batch_size: 8}", "extract.video3d.options={batch_size: 4}",
-        *[f"{k}={v}" for k, v in extra.items()],
-    ]
+    """test_extract_stage's settings, every video in one shard, plus ``extra`` (dotted key → value)."""
+    return [*stage_overrides(tmp, shard_size=64), *[f"{k}={v}" for k, v in extra.items()]]
 
 
 @pytest.fixture(scope="module")
