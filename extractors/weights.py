@@ -64,6 +64,9 @@ def random_identity(seed: int) -> str:
     return f"random-init-seed{seed}"
 
 
+_warned: set[tuple[str, str, int]] = set()
+
+
 def resolve_weights(
     path: str | os.PathLike[str] | None,
     filename: str,
@@ -100,14 +103,16 @@ def resolve_weights(
     if default.is_file():
         return WeightsRef(default, sha256_file(default), False)
     if allow_random:
-        logger.warning(
-            "!!! %s: %s not found (looked in %s); using RANDOMLY INITIALISED weights (seed %d). "
-            "The features will be meaningless for real use. !!!",
-            what,
-            filename,
-            ", ".join(str(p) for p in looked),
-            seed,
-        )
+        if (what, filename, seed) not in _warned:  # loudly, once per process (describing an extractor resolves it too)
+            _warned.add((what, filename, seed))
+            logger.warning(
+                "!!! %s: %s not found (looked in %s); using RANDOMLY INITIALISED weights (seed %d). "
+                "The features will be meaningless for real use. !!!",
+                what,
+                filename,
+                ", ".join(str(p) for p in looked),
+                seed,
+            )
         return WeightsRef(None, random_identity(seed), True)
     raise MissingWeightsError(_missing_message(what, filename, looked, hint, explicit=False))
 

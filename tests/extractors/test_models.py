@@ -121,6 +121,10 @@ def test_random_weights_warn_loudly(caplog: pytest.LogCaptureFixture) -> None:
         ref = resolve_weights(None, "x.pth", allow_random=True, seed=7)
     assert ref == extractors.WeightsRef(None, "random-init-seed7", True)
     assert any("RANDOM" in r.getMessage() and "x.pth" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="extractors.weights"):
+        assert resolve_weights(None, "x.pth", allow_random=True, seed=7) == ref
+    assert not caplog.records  # once per process, not at every description of the extractor
 
 
 def test_weights_found_in_torch_home_and_explicit(tmp_path: Path) -> None:
