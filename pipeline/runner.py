@@ -214,7 +214,7 @@ def run_sharded(stage: ShardedStage, workers: Workers, jobs: list[ShardJob], *, 
     for job in mine:
         fields = shard_todo(stage, ws, job, stage.fields, force=force, verify=verify)
         done = [f for f in stage.fields if f not in fields]
-        if retry_failed and done and transient_failures(ws, job, done):
+        if retry_failed and done:
             fields = fields + [f for f in done if f in transient_failures(ws, job, done)]
         for f in stage.fields:
             if f not in fields:
