@@ -219,11 +219,13 @@ def test_many_processes_each_shard_once(tmp_path, namespaces):
         prefix = ["unshare", "--pid", "--fork", "--mount-proc"]
     ws = tmp_path / "many"
     script, log = _script(tmp_path, ws, n=8)
-    plan = [("static", 0, 2, 0.0), ("static", 1, 2, 0.3), ("static", 0, 2, 0.6), ("dynamic", 0, 1, 1.0)]
+    # starts closer together than a shard takes (3 videos x 0.1 s x 2 fields): without claims, the two
+    # rank-0 processes and the dynamic one would write the same shards
+    plan = [("static", 0, 2, 0.0), ("static", 0, 2, 0.05), ("static", 1, 2, 0.1), ("dynamic", 0, 1, 0.4)]
     procs = []
     for mode, rank, world, start in plan:
         time.sleep(start - (plan[len(procs) - 1][3] if procs else 0.0))
-        procs.append(subprocess.Popen(prefix + [sys.executable, str(script), mode, str(rank), str(world), "0.03"],
+        procs.append(subprocess.Popen(prefix + [sys.executable, str(script), mode, str(rank), str(world), "0.1"],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-1500:] for o in outs]
