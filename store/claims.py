@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from store import owner
+from store import atomic, owner
 from store.owner import ClaimConfig, Registry
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Claims:
         body = json.dumps({**me.to_json(), "unit": unit, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                           sort_keys=True) + "\n"
         for _ in range(8):
-            if _link_new(path, body, me.token):
+            if _link_new(path, body):
                 return Claim(unit=unit, path=path, token=me.token)
             h = _read_holder(path)
             if h is not None and h.token == me.token:  # already ours (a second claim in this process)
@@ -156,11 +156,14 @@ class Claims:
             if h is not None and not self.registry.alive(h.token):
                 self._break(path, h)
                 n += 1
+        # claim files half made or moved aside by a process killed at that moment
+        for folder in {p.parent for p in self.root.rglob(f".*{atomic.TEMP_MARK}*")}:
+            n += atomic.sweep_temps(folder, self.registry.keeps)
         return n
 
     def _break(self, path: Path, judged: Holder | None) -> None:
         """Break the claim at ``path`` that was judged stale (``judged``: its holder as read)."""
-        aside = path.with_name(f".{path.name}.broken-{owner.current().token}")
+        aside = atomic.temp_path(path)
         try:
             os.rename(path, aside)
         except FileNotFoundError:
@@ -188,9 +191,9 @@ def _age(path: Path) -> float:
         return float("inf")
 
 
-def _link_new(path: Path, body: str, token: str) -> bool:
+def _link_new(path: Path, body: str) -> bool:
     """Create ``path`` holding ``body`` if it does not exist: True when this call created it."""
-    tmp = path.with_name(f".{path.name}.new-{token}")
+    tmp = atomic.temp_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(body)
         fh.flush()

@@ -195,12 +195,10 @@ class Registry:
 
 
 def _write_owner_file(path: Path, me: Owner) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from store import atomic  # here: store.atomic names its temporary files after current()
+
     body = {**me.to_json(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = path.with_name(f".{path.name}.tmp-{me.token}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(body, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(body, sort_keys=True) + "\n")
 
 
 _registered: dict[Path, float] = {}

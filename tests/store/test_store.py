@@ -167,6 +167,10 @@ def test_claims_live_holders_are_never_broken_dead_ones_are(tmp_path):
         claims.acquire("features/text/shard-000001", timeout_s=0.3)
     proc.kill()
     proc.wait()
+    half = ws.lock("features/text/shard-000001").with_name(f".shard-000001.lock{atomic.TEMP_MARK}{token}")
+    half.write_text("{}")  # a claim file the dead owner was making when it was killed
+    assert claims.sweep() == 2 and not half.exists()  # its claim broken, its temporary file removed
+    assert not ws.lock("features/text/shard-000001").exists()
     mine = claims.try_acquire("features/text/shard-000001")
     assert isinstance(mine, Claim) and mine.held()
     mine.verify()
