@@ -31,7 +31,7 @@ from typing import Literal, Protocol, TypeVar
 from tqdm import tqdm
 
 from pipeline.ranks import owns
-from store import atomic, owner
+from store import atomic, identity
 from store.claims import Claim, ClaimLost, Claims, Holder
 from store.layout import Workspace
 from store.lineage import RUNTIME, Lineage, UnitState
@@ -97,7 +97,7 @@ class Workers:
         """This process's scratch folder (``WS/tmp/<token>``), removed when the process exits."""
         if self._scratch is None:
             self.registry.register()
-            self._scratch = self.ws.scratch(owner.current().token)
+            self._scratch = self.ws.scratch(identity.current().token)
             self._scratch.mkdir(parents=True, exist_ok=True)
             atexit.register(shutil.rmtree, self._scratch, True)
         return self._scratch

@@ -9,8 +9,8 @@ Modules (import them directly; this file imports nothing so that ``mcn --help`` 
 - :mod:`store.layout`  -- :class:`~store.layout.Workspace`: every path, shard and checkpoint names,
   listings of the workspace (the only globbing of it).
 - :mod:`store.fields`  -- the feature fields, their members, per-video statuses, the usable-video rule.
-- :mod:`store.owner`   -- who a process is (host, machine, pid, start time) and whether it is alive;
-  the per-workspace owner registry with its heartbeat.
+- :mod:`store.identity` -- who a process is (host, machine, pid, start time): its owner token.
+- :mod:`store.owner`   -- whether an owner is alive: the per-workspace registry with its heartbeat.
 - :mod:`store.atomic`  -- the one atomic writer (temporary names unique across hosts and containers),
   and the sweep that removes only the temporary files of owners that are gone.
 - :mod:`store.claims`  -- advisory locks on units of work that name their owner.

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from store import owner
+from store import identity
 
 TEMP_MARK = ".tmp-"
 
@@ -37,7 +37,7 @@ def fsync_dir(path: Path) -> None:
 def temp_path(path: Path) -> Path:
     """``.<name>.tmp-<token>`` next to ``path``."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TEMP_MARK}{owner.current().token}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{identity.current().token}")
 
 
 def temp_owner(name: str) -> str | None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from store import atomic, owner
+from store import atomic, identity
 from store.owner import ClaimConfig, Registry
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Claims:
     def try_acquire(self, unit: str) -> Claim | Holder:
         """Claim ``unit`` now: the :class:`Claim`, or the live :class:`Holder` that has it."""
         self.registry.register()
-        me = owner.current()
+        me = identity.current()
         path = self.lock_path(unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({**me.to_json(), "unit": unit, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")},

@@ -1,11 +1,6 @@
-"""Who this process is, and whether the owner of a claim or a temporary file is still alive.
+"""Whether the owner of a claim or a temporary file is still alive: the registry of a workspace.
 
-An owner is one process: ``host``, ``machine`` (a hash of the boot id and the PID namespace), ``pid``,
-``start`` (its start time in clock ticks since boot) and a random ``nonce``. Its **token**
-``<machine>-<pid>-<start>-<nonce>`` is unique across hosts, containers (where every first process is
-PID 1) and PID reuse; temporary files, claims and scratch folders carry it.
-
-Liveness:
+Owners and their tokens are :mod:`store.identity`'s. Liveness:
 
 - an owner on the same machine and in the same PID namespace is alive iff ``/proc/<pid>`` exists
   with the same start time (exact and immediate, SIGKILL included);
@@ -19,16 +14,16 @@ Liveness:
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
-import secrets
-import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from store import atomic
+from store.identity import Owner, current, local_alive
 
 logger = logging.getLogger(__name__)
 
@@ -40,100 +35,6 @@ class ClaimConfig:
     lease_s: float = 120.0  # an owner on another machine is gone when its heartbeat is older than this
     heartbeat_s: float = 15.0  # how often a registered process refreshes its registry file
     poll_s: float = 2.0  # how often a waiting process looks again at a unit held by another owner
-
-
-@dataclass(frozen=True)
-class Owner:
-    host: str
-    machine: str
-    pid: int
-    start: int
-    nonce: str
-
-    @property
-    def token(self) -> str:
-        return f"{self.machine}-{self.pid}-{self.start}-{self.nonce}"
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "token": self.token}
-
-    def describe(self) -> str:
-        return f"{self.host} pid {self.pid}"
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of process ``pid`` in clock ticks since boot; None when there is no such process
-    (or no /proc)."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    try:  # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _machine_id() -> str:
-    boot = _read("/proc/sys/kernel/random/boot_id") or ""
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = ""
-    if not boot:  # no /proc (not Linux): liveness then goes through the registry heartbeat only
-        return "x" + hashlib.sha256(f"{socket.gethostname()}|{os.getpid()}".encode()).hexdigest()[:7]
-    return hashlib.sha256(f"{boot.strip()}|{pidns}".encode()).hexdigest()[:8]
-
-
-_lock = threading.RLock()
-_current: Owner | None = None
-
-
-def current() -> Owner:
-    """The owner identity of this process (a new one in a forked child)."""
-    global _current
-    with _lock:
-        if _current is None or _current.pid != os.getpid():
-            pid = os.getpid()
-            _current = Owner(host=socket.gethostname(), machine=_machine_id(), pid=pid,
-                             start=process_start(pid) or 0, nonce=secrets.token_hex(4))
-        return _current
-
-
-def parse_token(token: str) -> tuple[str, int, int] | None:
-    """``(machine, pid, start)`` of a token, None when it is not one."""
-    parts = token.split("-")
-    if len(parts) != 4:
-        return None
-    try:
-        return parts[0], int(parts[1]), int(parts[2])
-    except ValueError:
-        return None
-
-
-def local_alive(token: str) -> bool | None:
-    """Whether the owner of ``token`` is alive when this machine can tell (same machine and PID
-    namespace), else None."""
-    parsed = parse_token(token)
-    if parsed is None:
-        return None
-    machine, pid, start = parsed
-    me = current()
-    if machine != me.machine or machine.startswith("x"):
-        return None
-    if pid == me.pid:
-        return start == me.start
-    now = process_start(pid)
-    if now is None:
-        return False
-    return start == 0 or now == start
 
 
 class Registry:
@@ -195,12 +96,11 @@ class Registry:
 
 
 def _write_owner_file(path: Path, me: Owner) -> None:
-    from store import atomic  # here: store.atomic names its temporary files after current()
-
     body = {**me.to_json(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic.write_text(path, json.dumps(body, sort_keys=True) + "\n")
 
 
+_lock = threading.RLock()  # the registrations of this process
 _registered: dict[Path, float] = {}
 _wake = threading.Event()  # set on a new registration: its heartbeat interval applies at once
 _heartbeat: threading.Thread | None = None

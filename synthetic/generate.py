@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from store import atomic, owner
+from store import atomic, identity
 from synthetic.captions import srt_text
 from synthetic.encode import encode_video
 from synthetic.plan import SPLITS, Combo, DemoDataConfig, VideoSpec, plan_demo_data
@@ -108,7 +108,7 @@ def _make_video(video: VideoSpec, cfg: DemoDataConfig) -> bool:
 
 def _prune(split_dir: Path, expected: set[str]) -> None:
     """Remove leftovers of this generator that the current plan does not contain."""
-    mine = owner.current().token
+    mine = identity.current().token
     for path in sorted(split_dir.iterdir()):
         token = atomic.temp_owner(path.name)
         name = path.name[1:].rsplit(atomic.TEMP_MARK, 1)[0] if token else path.name

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import atomic, owner
+from store import atomic, identity
 from store.claims import Claim, ClaimLost, Claims, Holder
 from store.fields import unusable_reason, usable
 from store.layout import Workspace, shard_index, shard_name
@@ -30,7 +30,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {root!r})
-    from store import atomic, owner
+    from store import atomic, identity
     from store.claims import Claims
     from store.layout import Workspace
     from store.owner import ClaimConfig, Registry
@@ -38,8 +38,8 @@ HOLDER = textwrap.dedent(
     reg = Registry(ws.owners_dir, ClaimConfig(lease_s=30, heartbeat_s=1))
     claims = Claims(ws.lock, reg, ws.locks_dir)
     got = claims.try_acquire(sys.argv[2])
-    (ws.root / ("." + "x.bin" + atomic.TEMP_MARK + owner.current().token)).write_bytes(b"partial")
-    print(owner.current().token, type(got).__name__, flush=True)
+    (ws.root / ("." + "x.bin" + atomic.TEMP_MARK + identity.current().token)).write_bytes(b"partial")
+    print(identity.current().token, type(got).__name__, flush=True)
     time.sleep(float(sys.argv[3]))
     """
 )
@@ -80,20 +80,20 @@ def test_layout_names_and_units(tmp_path):
 
 
 def test_owner_tokens_and_liveness(tmp_path):
-    me = owner.current()
-    assert owner.local_alive(me.token) is True
-    assert me.token.count("-") == 3 and owner.parse_token(me.token) == (me.machine, me.pid, me.start)
+    me = identity.current()
+    assert identity.local_alive(me.token) is True
+    assert me.token.count("-") == 3 and identity.parse_token(me.token) == (me.machine, me.pid, me.start)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    start = owner.process_start(proc.pid)
+    start = identity.process_start(proc.pid)
     assert start is not None
     other = f"{me.machine}-{proc.pid}-{start}-abcd1234"
-    assert owner.local_alive(other) is True
-    assert owner.local_alive(f"{me.machine}-{proc.pid}-{start + 1}-abcd1234") is False  # pid reused
+    assert identity.local_alive(other) is True
+    assert identity.local_alive(f"{me.machine}-{proc.pid}-{start + 1}-abcd1234") is False  # pid reused
     proc.kill()
     proc.wait()
-    assert owner.local_alive(other) is False
-    assert owner.local_alive(f"00000000-{proc.pid}-{start}-abcd1234") is None  # another machine: cannot tell
-    assert owner.local_alive("not-a-token") is None
+    assert identity.local_alive(other) is False
+    assert identity.local_alive(f"00000000-{proc.pid}-{start}-abcd1234") is None  # another machine: cannot tell
+    assert identity.local_alive("not-a-token") is None
 
 
 def test_registry_heartbeat_decides_for_other_machines(tmp_path):
@@ -108,7 +108,7 @@ def test_registry_heartbeat_decides_for_other_machines(tmp_path):
     os.utime(path, (old, old))
     assert not reg.alive(foreign) and reg.sweep() == 1 and not path.exists()
     reg.register()
-    mine = reg.path(owner.current().token)
+    mine = reg.path(identity.current().token)
     os.utime(mine, (old, old))
     time.sleep(1.5)  # the heartbeat refreshes it
     assert time.time() - mine.stat().st_mtime < 5
@@ -123,7 +123,7 @@ def test_atomic_writes_leave_old_or_new(tmp_path):
             assert atomic.temp_path(target).exists() and atomic.temp_owner(atomic.temp_path(target).name)
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["data.bin"]
-    assert atomic.temp_path(target).name == f".data.bin.tmp-{owner.current().token}"
+    assert atomic.temp_path(target).name == f".data.bin.tmp-{identity.current().token}"
     mtime = target.stat().st_mtime_ns
     time.sleep(0.01)
     assert atomic.write_if_changed(target, b"old") is False and target.stat().st_mtime_ns == mtime
