@@ -51,7 +51,8 @@ def build_clipset(features: FeatureSet, cfg: ClipSetConfig, video_ids: set[str] 
     streams' rates come from the features' done records.
 
     Captions without any known word are not queries (counted in `problems`: a zero text vector
-    would be ranked silently); so are videos whose visual features failed.
+    would be ranked silently); so are videos whose visual features failed. Clips beyond
+    `cfg.max_clips` are dropped and counted in `counts["cut_by_max_clips"]`.
     """
     counts = empty_counts()
     counts["queries_without_words"] = 0
@@ -87,6 +88,7 @@ def build_clipset(features: FeatureSet, cfg: ClipSetConfig, video_ids: set[str] 
             problems.append(f"{counts[key]} video(s)/shard(s) {key.replace('_', ' ')}")
     n = len(rows["ids"])
     if cfg.max_clips is not None and n > cfg.max_clips:
+        counts["cut_by_max_clips"] = n - cfg.max_clips
         for key in rows:
             rows[key] = rows[key][: cfg.max_clips]
         n = cfg.max_clips

@@ -7,6 +7,11 @@ Conventions, shared by every function here:
 - The *rank* of a query is the 0-based position of its true item once the row is sorted by decreasing
   score: 0 means retrieved first. ``R@K`` is the fraction of queries with ``rank < K``; the median and
   mean rank are reported 1-based (``median(rank) + 1``, ``mean(rank) + 1``), as in the reference code.
+- Queries of a test set that could not be evaluated (``n_total > N``, MSR-VTT 1k-A: 968 of 1000 clips
+  have audio) count as misses in the recalls, which are divided by ``n_total`` as the reference did.
+  ``median_rank`` and ``mean_rank`` are taken over the ``N`` evaluated queries (the reference's
+  convention); ``median_rank_all`` and ``mean_rank_all`` over all ``n_total``, each missing query at
+  the worst rank (1-based ``M + 1``: its true item is not among the ``M`` candidates).
 - Ties: ``"pessimistic"`` ranks the true item after every other item whose score is ``>=`` its own,
   ``"optimistic"`` only after the strictly greater ones, ``"average"`` takes the mean of the two (the
   expected rank under a random order of the tied items). The reference implementation
@@ -174,16 +179,16 @@ def retrieval_metrics(
         sim: ``(N, M)`` scores, rows are queries, ``sim[i, i]`` the true pair (``N <= M``).
         ties: tie handling, see the module docstring.
         n_total: size of the full test set when only ``N`` of its queries could be evaluated (MSR-VTT
-            1k-A: 968 of 1000 clips have audio). The ``n_total - N`` missing queries count as misses:
-            recall is divided by ``n_total``, and for the median and mean rank each missing query gets
-            the 0-based rank ``M`` (its true item is not among the ``M`` candidates, so all of them
-            rank before it: 1-based rank ``M + 1``). Note: the reference code took the median over the
-            ``N`` present queries only; with 3 % missing the two medians rarely differ.
+            1k-A: 968 of 1000 clips have audio); None: ``N``. The ``n_total - N`` missing queries count
+            as misses: recall is divided by ``n_total``.
         chunk_size: rows processed at once.
 
     Returns:
-        ``{"R@1", "R@5", "R@10"}`` fractions in ``[0, 1]``, ``"median_rank"``, ``"mean_rank"`` (1-based),
-        ``"n_queries"`` (``N``, queries evaluated) and ``"n_total"`` (denominator of the recalls).
+        ``{"R@1", "R@5", "R@10"}`` fractions in ``[0, 1]``; ``"median_rank"``, ``"mean_rank"`` (1-based,
+        over the ``N`` evaluated queries, as the reference); ``"n_queries"`` (``N``, queries evaluated)
+        and ``"n_total"`` (denominator of the recalls). When ``n_total`` is given, also
+        ``"median_rank_all"`` and ``"mean_rank_all"``: over all ``n_total`` queries, each missing one
+        at the 0-based rank ``M`` (all ``M`` candidates rank before it: 1-based ``M + 1``).
     """
     n, m = _check_sim(sim)
     _check_total(n, n_total)
@@ -200,18 +205,20 @@ def _check_total(n: int, n_total: int | None) -> int:
 
 
 def _metrics_from_ranks(ranks: np.ndarray, m: int, n_total: int | None) -> dict[str, float]:
-    """Metrics from ``(N,)`` 0-based ranks among ``m`` candidates (see :func:`retrieval_metrics`)."""
+    """Metrics from ``(N,)`` 0-based ranks among ``m`` candidates (see :func:`retrieval_metrics`);
+    the ``*_rank_all`` keys are added when ``n_total`` is given."""
     n = ranks.shape[0]
     total = _check_total(n, n_total)
     n_missing = total - n
     if n_missing:
         logger.info("counting %d of %d queries that were not evaluated as misses", n_missing, total)
-        all_ranks = np.concatenate([ranks, np.full(n_missing, float(m))])
-    else:
-        all_ranks = ranks
     out: dict[str, float] = {f"R@{k}": float(np.count_nonzero(ranks < k)) / total for k in RECALL_KS}
-    out["median_rank"] = float(np.median(all_ranks)) + 1.0
-    out["mean_rank"] = float(np.mean(all_ranks)) + 1.0
+    out["median_rank"] = float(np.median(ranks)) + 1.0 if n else float("nan")
+    out["mean_rank"] = float(np.mean(ranks)) + 1.0 if n else float("nan")
+    if n_total is not None:
+        all_ranks = np.concatenate([ranks, np.full(n_missing, float(m))])
+        out["median_rank_all"] = float(np.median(all_ranks)) + 1.0
+        out["mean_rank_all"] = float(np.mean(all_ranks)) + 1.0
     out["n_queries"] = n
     out["n_total"] = total
     return out
@@ -264,7 +271,9 @@ def retrieval_report(
         is given, each ``m`` as from :func:`retrieval_metrics` on the dot-product matrix (text->video:
         ``text @ video.T``; video->text: its transpose, the videos are the queries). The similarity
         rows are computed ``chunk_size`` queries at a time: the ``N x N`` matrix never exists whole.
-        If no clip has audio, text->video+audio has recalls 0 and NaN ranks.
+        ``median_rank_all`` / ``mean_rank_all`` are in a mode's metrics when ``n_total`` is given or
+        (text->video+audio) some clips have no audio. If no clip has audio, text->video+audio has
+        recalls 0 and NaN ranks.
     """
     chunk_size = _check_ranking_args(ties, chunk_size)
     t = _to_numpy(text, "text")
@@ -274,7 +283,7 @@ def retrieval_report(
     n = t.shape[0]
     total = _check_total(n, n_total)
     report: dict[str, dict[str, float]] = {
-        "text_to_video": _metrics_from_ranks(_ranks_from_embeddings(t, v, ties, chunk_size), n, total),
+        "text_to_video": _metrics_from_ranks(_ranks_from_embeddings(t, v, ties, chunk_size), n, n_total),
     }
     if audio is not None:
         a = _to_numpy(audio, "audio")
@@ -288,8 +297,9 @@ def retrieval_report(
             report["text_to_video_audio"] = _all_missing(total)
         else:
             ranks = _ranks_from_embeddings(t[keep], fused_targets(v[keep], a[keep]), ties, chunk_size)
-            report["text_to_video_audio"] = _metrics_from_ranks(ranks, n_kept, total)
-    report["video_to_text"] = _metrics_from_ranks(_ranks_from_embeddings(v, t, ties, chunk_size), n, total)
+            counted = total if n_total is not None or n_kept < n else None
+            report["text_to_video_audio"] = _metrics_from_ranks(ranks, n_kept, counted)
+    report["video_to_text"] = _metrics_from_ranks(_ranks_from_embeddings(v, t, ties, chunk_size), n, n_total)
     return report
 
 
@@ -309,8 +319,8 @@ def _mask_to_numpy(mask: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
 def _all_missing(total: int) -> dict[str, float]:
     """Metrics when no query could be evaluated: every query is a miss (rank = worst, undefined M)."""
     out: dict[str, float] = {f"R@{k}": 0.0 for k in RECALL_KS}
-    out["median_rank"] = float("nan")
-    out["mean_rank"] = float("nan")
+    for key in ("median_rank", "mean_rank", "median_rank_all", "mean_rank_all"):
+        out[key] = float("nan")
     out["n_queries"] = 0
     out["n_total"] = total
     return out

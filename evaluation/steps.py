@@ -9,12 +9,17 @@ CrossTask protocol, per annotated video whose features are in the shards:
    rows ``int(fps3·t) .. int(fps3·(t+1) - ε)`` (1.5 rows/s: seconds 0, 1, 2, 3 get rows {0,1}, {1,2},
    {3,4}, {4,5}). A second beyond the last 3D row takes the last 3D row (3D extraction can end up to
    one window before the 2D one); a video without any 3D row is not usable.
-   The audio of second ``t`` is the log-mel window of ``audio_window_s`` seconds centred on the middle
-   of the second: :func:`model.data.crop_audio` from ``max(0, t + 0.5 - w/2)`` to ``t + 0.5 + w/2``,
-   ``round(w·rate)`` frames (800 for 8 s), zero-padded, ``nframes`` = the frames really there. The
-   window is truncated, not shifted, at the start and at the end of the audio.
+   The audio of second ``t`` is the log-mel window of ``w = StepsConfig.audio_window_s`` seconds
+   around ``t`` (the time of its 2D frame), as the reference's CrossTask loader: ``[t - w/2, t + w/2]``
+   *shifted*, not cut, to lie inside the video ``[0, T]``: it starts at
+   ``min(max(t - w/2, 0), max(T - w, 0))`` and lasts ``w`` (8 s at 100 frames/s: 800 frames, the
+   first 800 for seconds 0..4, the last 800 of ``[0, T]`` for the last 4 seconds). Its frames
+   (:func:`model.data.crop_audio`) are zero-padded to ``StepsConfig.audio_frames`` (1024) frames;
+   ``nframes`` = the frames really there (fewer only where the audio ends before the window does).
 2. **Embeddings** with ``model.embed_video`` / ``model.embed_audio`` (eval mode), in batches. The step
-   texts of the video's task go through the text extractor and ``model.embed_text`` once per task.
+   texts of the video's task go through the text extractor (made by :func:`step_text_extractor` to
+   keep ``StepsConfig.max_words`` = 30 words, the reference's, where captions keep 20), cut to that
+   many words, and ``model.embed_text``, once per task.
 3. **Scores** ``(T, S)``: ``text · (video + audio)`` (dot products, no normalisation, as retrieval).
    The audio term is dropped for a whole video whose audio status is ``no_audio`` and for the seconds
    whose window holds no audio frame (audio shorter than the video).
@@ -37,7 +42,7 @@ reference evaluated the videos it had features for). Videos of a task without a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +52,7 @@ import torch
 from evaluation.annotations import StepAnnotations
 from evaluation.localization import crosstask_recall, ordered_step_assignment
 from evaluation.scoring import clip_scores
+from extractors import create
 from model.data import crop_audio, empty_counts, pool_video
 from store.fields import OK, visual_unusable_reason
 from store.reader import CorruptMember, FeatureSet, decode_member, zip_shard
@@ -56,6 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROTOCOL",
     "SecondInputs",
+    "StepsConfig",
     "TaskSteps",
     "audio_windows",
     "embed_seconds",
@@ -63,18 +70,43 @@ __all__ = [
     "localize",
     "per_second_video",
     "step_scores",
+    "step_text_extractor",
+    "window_start",
 ]
 
 TextExtractor = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 PROTOCOL = (
     "zero-shot; per second t: video = L2(2D row t) ‖ L2(max of the 3D rows meeting [t, t+1)), audio = "
-    "log-mel window of {window:g} s centred on t+0.5; score = text·(video+audio) (audio term dropped "
-    "without audio); {softmax}steps placed once each, in order, by DP; recall = placed second inside "
-    "a ground-truth interval, averaged per video, {average}"
+    "log-mel window of {window:g} s around t, shifted inside the video, zero-padded to {frames} frames; "
+    "step texts keep up to {words} words; score = text·(video+audio) (audio term dropped without audio); "
+    "{softmax}steps placed once each, in order, by DP; recall = placed second inside a ground-truth "
+    "interval, averaged per video, {average}"
 )
 _MAX_LISTED = 10
 _EPS = 1e-6
+
+
+@dataclass
+class StepsConfig:
+    """Inputs of the step-localization protocol (SPEC §6), as the reference's CrossTask loader made them.
+
+    audio_window_s: seconds of audio scored with each second ``t``: ``[t - w/2, t + w/2]`` shifted
+        inside the video (module docstring); 8 in the paper.
+    audio_frames: length of the model's audio input in log-mel frames: each window's frames (800 at
+        100 frames/s) zero-padded to it (the reference: 1024). A longer window is cut to it.
+    max_words: words kept per step text (the reference: 30; training and retrieval captions keep 20,
+        ``extract.text.options.max_words``).
+    """
+
+    audio_window_s: float = 8.0
+    audio_frames: int = 1024
+    max_words: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.audio_window_s > 0 or self.audio_frames < 1 or self.max_words < 1:
+            raise ValueError(f"steps config needs audio_window_s > 0, audio_frames >= 1 and max_words >= 1, "
+                             f"got {self.audio_window_s}, {self.audio_frames}, {self.max_words}")
 
 
 @dataclass
@@ -125,20 +157,26 @@ def per_second_video(video2d: np.ndarray, video3d: np.ndarray, fps_3d: float) ->
     return out
 
 
-def audio_windows(mel: np.ndarray, seconds: np.ndarray, window_s: float,
-                  rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """Log-mel windows centred on the middle of each second.
+def window_start(t: float, window_s: float, duration_s: float) -> float:
+    """Start (seconds) of the audio window of second ``t`` in a video of ``duration_s`` seconds:
+    ``[t - w/2, t + w/2]`` shifted right to start at 0, or left to end at ``duration_s``, keeping its
+    length ``w`` (a video shorter than ``w`` gets ``[0, w]`` for every second)."""
+    return min(max(float(t) - window_s / 2, 0.0), max(float(duration_s) - window_s, 0.0))
 
-    mel (Ta, n_mels), seconds (B,) ints → ((B, n_mels, round(window_s·rate)) float16, (B,) int64 frames
-    really present): ``crop_audio(mel, max(0, t + 0.5 - w/2), t + 0.5 + w/2, rate, frames)``.
+
+def audio_windows(mel: np.ndarray, seconds: np.ndarray, duration_s: float, rate: float,
+                  cfg: StepsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The audio window of each second, shifted inside ``[0, duration_s]`` (:func:`window_start`).
+
+    mel (Ta, n_mels) log-mel frames at ``rate`` frames/s, seconds (B,) ints, duration_s = T (the
+    video's seconds) → ((B, n_mels, cfg.audio_frames) float16 zero-padded, (B,) int64 frames really
+    present): window ``[s, s + w]`` = frames ``int(s·rate) : int((s + w)·rate)`` (``crop_audio``).
     """
-    frames = int(round(window_s * rate))
-    out = np.zeros((len(seconds), mel.shape[1], frames), dtype=np.float16)
+    out = np.zeros((len(seconds), mel.shape[1], cfg.audio_frames), dtype=np.float16)
     nframes = np.zeros(len(seconds), dtype=np.int64)
     for i, t in enumerate(seconds):
-        centre = float(t) + 0.5
-        start, end = max(0.0, centre - window_s / 2), centre + window_s / 2
-        out[i], nframes[i] = crop_audio(mel, start, end, rate, frames)
+        start = window_start(t, cfg.audio_window_s, duration_s)
+        out[i], nframes[i] = crop_audio(mel, start, start + cfg.audio_window_s, rate, cfg.audio_frames)
     return out, nframes
 
 
@@ -151,14 +189,16 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + size))
 
 
-def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, window_s: float = 8.0,
+def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, cfg: StepsConfig | None = None,
                   audio_rate: float, batch_size: int = 256,
                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Per-second embeddings of one video.
+    """Per-second embeddings of one video (the audio windows of :func:`audio_windows` within the
+    video's ``T`` seconds, ``T`` = its 2D rows).
 
     Returns video (T, D) float32, audio (T, D) float32 or None (no audio), audio_mask (T,) bool (True
     where the second's window holds at least one audio frame; its audio row is meaningless otherwise).
     """
+    cfg = cfg or StepsConfig()
     device = torch.device(device)
     t_len = inputs.video.shape[0]
     video = [model.embed_video(torch.from_numpy(inputs.video[sl]).to(device)).float().cpu().numpy()
@@ -169,7 +209,7 @@ def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, window_s: flo
         return v, None, mask
     audio = []
     for sl in _batches(t_len, batch_size):
-        mel, nframes = audio_windows(inputs.mel, np.arange(sl.start, sl.stop), window_s, audio_rate)
+        mel, nframes = audio_windows(inputs.mel, np.arange(sl.start, sl.stop), t_len, audio_rate, cfg)
         mask[sl] = nframes > 0
         a = model.embed_audio(torch.from_numpy(mel).float().to(device),
                               torch.from_numpy(nframes).clamp(min=1).to(device))
@@ -177,15 +217,26 @@ def embed_seconds(model: torch.nn.Module, inputs: SecondInputs, *, window_s: flo
     return v, np.concatenate(audio), mask
 
 
+def step_text_extractor(name: str, options: Mapping[str, Any], cfg: StepsConfig) -> TextExtractor:
+    """The text extractor ``name`` (registry of :mod:`extractors`) with the caption ``options`` the
+    model was trained with, except that it keeps ``cfg.max_words`` words per text (step texts)."""
+    return create(name, {**options, "max_words": cfg.max_words})
+
+
 def embed_task_steps(model: torch.nn.Module, text_extractor: TextExtractor, steps: tuple[str, ...], *,
-                     device: torch.device | str = "cpu") -> TaskSteps:
-    """Embed the step texts of one task; steps with no known word are marked unknown (not embedded)."""
+                     max_words: int = StepsConfig.max_words, device: torch.device | str = "cpu") -> TaskSteps:
+    """Embed the step texts of one task, each cut to its first ``max_words`` words (the extractor's
+    rows ``words[:, :max_words]``); steps with no known word are marked unknown (not embedded)."""
     words, lengths = text_extractor(list(steps))
     words = np.asarray(words)
     lengths = np.asarray(lengths).reshape(-1)
     if words.ndim != 3 or words.shape[0] != len(steps) or lengths.shape[0] != len(steps):
         raise ValueError(f"text extractor returned words {words.shape} and lengths {lengths.shape} "
                          f"for {len(steps)} texts (expected (N, W, D) and (N,))")
+    if words.shape[1] < max_words:
+        logger.warning("the text extractor keeps %d words per text, fewer than the %d of the step protocol "
+                       "(make it with step_text_extractor)", words.shape[1], max_words)
+    words, lengths = words[:, :max_words], np.minimum(lengths, max_words)
     if words.shape[2] != model.config.text_dim:
         raise ValueError(f"text extractor gives {words.shape[2]}-d word vectors, the model expects "
                          f"{model.config.text_dim}-d (text_dim): use the extractor it was trained with")
@@ -280,7 +331,7 @@ def localize(
     text_extractor: TextExtractor,
     *,
     mining_youtube: bool = False,
-    audio_window_s: float = 8.0,
+    cfg: StepsConfig | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
@@ -293,9 +344,9 @@ def localize(
         ann: from ``parse_crosstask_annotations(..., tasks=...)`` or ``parse_mining_youtube``; the step
             texts come from ``ann.task_steps``.
         text_extractor: ``ex(list_of_str) -> (words (N, W, text_dim), lengths (N,))``, the one the
-            model was trained with.
+            model was trained with, keeping ``cfg.max_words`` words (:func:`step_text_extractor`).
         mining_youtube: log-softmax over the steps before the DP, and recall averaged over all videos.
-        audio_window_s: length of the audio window around each second (8 s in the paper).
+        cfg: audio window, audio input length and step words (:class:`StepsConfig`; default the paper's).
 
     Returns:
         The :func:`evaluation.localization.crosstask_recall` dict (``recall``, ``per_task``,
@@ -305,6 +356,7 @@ def localize(
         ``n_unknown_steps`` (steps never placed for lack of a known word), ``predictions`` (video ->
         list of predicted seconds, ``-1`` = not placed), ``protocol`` and ``problems`` (list[str]).
     """
+    cfg = cfg or StepsConfig()
     device = torch.device(device)
     model = model.to(device)
     problems: list[str] = []
@@ -330,7 +382,7 @@ def localize(
                 problems.append(f"task {task}: no step list (tasks file) — its videos are not evaluated")
                 task_cache[task] = None
             else:
-                ts = embed_task_steps(model, text_extractor, tuple(steps), device=device)
+                ts = embed_task_steps(model, text_extractor, tuple(steps), max_words=cfg.max_words, device=device)
                 for s in np.flatnonzero(~ts.known):
                     message = (f"task {task} step {s + 1} {steps[s]!r}: no known word — never placed "
                                f"(annotated occurrences count as misses)")
@@ -349,8 +401,8 @@ def localize(
         if inputs is None:
             unusable[key] = str(why)
             continue
-        v, a, mask = embed_seconds(model, inputs, window_s=audio_window_s, audio_rate=audio_rate,
-                                   batch_size=batch_size, device=device)
+        v, a, mask = embed_seconds(model, inputs, cfg=cfg, audio_rate=audio_rate, batch_size=batch_size,
+                                   device=device)
         if not mask.any():
             n_no_audio += 1
         scores = step_scores(v, a, mask, ts.emb)  # (T, S_known)
@@ -380,7 +432,7 @@ def localize(
         n_unknown_steps=sum(int((~ts.known).sum()) for ts in task_cache.values() if ts is not None),
         predictions=pred,
         protocol=PROTOCOL.format(
-            window=audio_window_s,
+            window=cfg.audio_window_s, frames=cfg.audio_frames, words=cfg.max_words,
             softmax="log-softmax over the steps; " if mining_youtube else "",
             average=("then over all videos (Mining YouTube)" if mining_youtube
                      else "then per task, then over tasks"),

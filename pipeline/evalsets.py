@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.steps import StepsConfig
 from store import atomic
 from store.lineage import RUNTIME
 
@@ -29,8 +30,11 @@ class EvalSetConfig:
     annotations: str | None = None  # youcook2 JSON / msrvtt CSV or JSON / step annotation folder
     tasks: str | None = None  # crosstask tasks_primary.txt / mining_youtube tasks JSON
     audio_frames: int = 1000  # YouCook2 5120, MSR-VTT 3072 in the paper
-    n_total: int | None = None  # queries the protocol counts (MSR-VTT: 1000); None: the clips found
+    # Queries the recalls are divided by, the clips not evaluated counting as misses (MSR-VTT 1k-A:
+    # 1000); None: the clips evaluated (YouCook2, as the reference).
+    n_total: int | None = None
     max_clips: int | None = None
+    steps: StepsConfig = field(default_factory=StepsConfig)  # step sets: audio windows, step words
 
 
 @dataclass

@@ -46,19 +46,20 @@ from store.reader import FeatureSet, open_features
 logger = logging.getLogger(__name__)
 
 PROTOCOL = ("zero-shot; similarity text·(video+audio) (and text·video); rank = 0-based rank of the true "
-            "clip, ties pessimistic; R@K = rank < K; median rank = median(rank)+1")
+            "clip, ties pessimistic; R@K = rank < K over the clips evaluated (over n_total when the set fixes "
+            "it: missing clips are misses); median rank = median(rank)+1 over the clips evaluated")
 
 #: Version of the evaluation code in the lineage of every evaluation: bump it when the metrics change.
-CODE_VERSION = "eval-2"
+CODE_VERSION = "eval-3"
 
 
 def prepare_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, *, progress: bool
                 ) -> tuple[Workspace, list[str], int | None]:
     """Scan + extract the set's videos into ``WS/evalsets/<name>`` (cached by lineage like the main
     workspace); returns the workspace whose features are the set, the problems found and the number
-    of annotated queries."""
+    of annotated queries (None when the set has no annotation file)."""
     if spec.videos is None:
-        return ws, [], spec.n_total
+        return ws, [], None
     from pipeline.scan import scan
 
     set_ws = ws.evalset(spec.name)
@@ -76,10 +77,12 @@ def prepare_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, *, progress: bo
         annotated = set(json.loads(captions_file.read_text()))
         missing = sorted(annotated - scanned)
         if missing:
+            fate = ("count as misses (n_total)" if spec.n_total is not None
+                    else "are not evaluated (n_missing; recalls are over the clips evaluated)")
             problems.append(f"{len(missing)} annotated video id(s) not found among the videos "
-                            f"(e.g. {', '.join(missing[:5])}); their queries count as misses")
+                            f"(e.g. {', '.join(missing[:5])}); their queries {fate}")
     run_extract(set_ws, cfg, progress=progress)
-    return set_ws, problems, spec.n_total or n_annotated
+    return set_ws, problems, n_annotated
 
 
 def _path_identity(path: str | None) -> Any:
@@ -132,7 +135,7 @@ def evaluate_set(ws: Workspace, cfg: Config, set_name: str, checkpoint: str | No
     spec = find_set(cfg.evaluate, set_name)
     name = eval_name or spec.name
     ckpt = current_checkpoint(ws, cfg, checkpoint)
-    set_ws, problems, n_total = prepare_set(ws, cfg, spec, progress=progress)
+    set_ws, problems, n_annotated = prepare_set(ws, cfg, spec, progress=progress)
     features = open_features(set_ws)
     lineage = eval_lineage(ws, cfg, spec, name, ckpt, features)
 
@@ -142,7 +145,7 @@ def evaluate_set(ws: Workspace, cfg: Config, set_name: str, checkpoint: str | No
         if spec.kind in STEP_KINDS:
             metrics = localize_set(set_ws, cfg, spec, ckpt, features, problems)
         else:
-            metrics = retrieve_set(ws, cfg, spec, name, ckpt, features, problems, n_total)
+            metrics = retrieve_set(ws, cfg, spec, name, ckpt, features, problems, n_annotated)
         metrics = _jsonable(metrics)
         claim.verify()
         out = ws.eval_dir(name)
@@ -152,7 +155,8 @@ def evaluate_set(ws: Workspace, cfg: Config, set_name: str, checkpoint: str | No
         write_resolved(ws.eval_config(name), cfg.evaluate, set=dataclasses.asdict(spec), checkpoint=str(ckpt))
         from store.lineage import write_record
 
-        write_record(ws.eval_record(name), ws.eval_unit(name), lineage, set=spec.name,
+        write_record(ws.eval_record(name), ws.eval_unit(name), lineage, decoder=cfg.extract.decode.backend,
+                     set=spec.name,
                      checkpoint=file_identity(ckpt), features={"n_shards": len(features.shards)})
         return {**metrics, "cached": False}
 
@@ -166,8 +170,15 @@ def evaluate_set(ws: Workspace, cfg: Config, set_name: str, checkpoint: str | No
 
 
 def retrieve_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckpt: Path, features: FeatureSet,
-                 problems: list[str], n_total: int | None) -> dict[str, Any]:
-    """Retrieval metrics of one set; writes the embeddings and the report next to the metrics."""
+                 problems: list[str], n_annotated: int | None) -> dict[str, Any]:
+    """Retrieval metrics of one set; writes the embeddings and the report next to the metrics.
+
+    The recalls are divided by the clips evaluated, or by ``spec.n_total`` when the set fixes its size
+    (MSR-VTT 1k-A: 1000; the clips not evaluated then count as misses). ``n_annotated``: the queries of
+    the set's annotation file (None without one); ``metrics["n_missing"]`` counts the annotated queries
+    that were not evaluated (video absent or unusable, caption without a known word), those beyond
+    ``spec.max_clips`` aside.
+    """
     from model.checkpoint import load_mcn
 
     ecfg: EvaluateConfig = cfg.evaluate
@@ -175,16 +186,23 @@ def retrieve_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckp
     problems = problems + clips.problems
     model = load_mcn(ckpt)
     emb = embed_clipset(model, clips, batch_size=ecfg.batch_size, device=resolve_device(ecfg.device))
-    n_total = max(n_total or 0, len(clips)) or None
+    n_total = None if spec.n_total is None else max(spec.n_total, len(clips))
+    if spec.n_total is not None and spec.n_total < len(clips):
+        problems.append(f"{len(clips)} clips found, more than the set's n_total {spec.n_total}: recalls over "
+                        f"{len(clips)}")
     audio = emb["audio"] if clips.audio_mask.any() else None
     report = retrieval_report(emb["text"], emb["video"], audio=audio, audio_mask=clips.audio_mask,
-                              n_total=n_total if n_total and n_total > len(clips) else None, ties=ecfg.ties)
-    metrics = {
-        "set": spec.name, "kind": spec.kind, "n_queries": len(clips), "n_total": n_total,
+                              n_total=n_total, ties=ecfg.ties)
+    metrics: dict[str, Any] = {
+        "set": spec.name, "kind": spec.kind, "n_queries": len(clips), "n_total": n_total or len(clips),
         "n_videos": len(set(clips.video_ids)), "checkpoint": str(ckpt), "protocol": PROTOCOL,
         "chance": {f"R@{k}": min(1.0, k / len(clips)) for k in (1, 5, 10)},
         "retrieval": report, "problems": problems,
     }
+    if n_annotated is not None:
+        n_cut = int(clips.counts.get("cut_by_max_clips", 0))
+        metrics["n_annotated"] = n_annotated
+        metrics["n_missing"] = max(0, n_annotated - len(clips) - n_cut)
     out_dir = ws.eval_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_open(ws.eval_embeddings(name), "wb") as fh:
@@ -212,7 +230,10 @@ def _jsonable(obj: Any) -> Any:
 def format_table(metrics: dict[str, Any]) -> str:
     """The metrics as a text table with chance next to the recalls."""
     chance = metrics["chance"]
-    lines = [f"{'mode':<22}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}{'MeanR':>9}   (n={metrics['n_queries']})"]
+    n = f"n={metrics['n_queries']}"
+    if metrics.get("n_missing"):
+        n += f"; {metrics['n_missing']} of {metrics['n_annotated']} annotated not evaluated"
+    lines = [f"{'mode':<22}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}{'MeanR':>9}   ({n})"]
     for mode, m in metrics["retrieval"].items():
         lines.append(f"{mode:<22}{100 * m['R@1']:>7.1f}%{100 * m['R@5']:>7.1f}%{100 * m['R@10']:>7.1f}%"
                      f"{m['median_rank']:>8.1f}{m['mean_rank']:>9.1f}")
@@ -269,6 +290,7 @@ def write_eval_report(ws: Workspace, name: str, cfg: Config, spec: EvalSetConfig
         title=f"MCN zero-shot evaluation: {spec.name}",
         metrics=metrics["retrieval"], chance=metrics["chance"], queries=queries, clusters=clusters,
         train_log=log if log.exists() else None,
+        n_annotated=metrics.get("n_annotated"), n_missing=metrics.get("n_missing"),
         info={"checkpoint": str(ckpt), "set": spec.name, "kind": spec.kind, "queries": str(n),
               "protocol": PROTOCOL, "problems": "; ".join(metrics["problems"]) or "none"},
     )
@@ -279,7 +301,7 @@ def localize_set(set_ws: Workspace, cfg: Config, spec: EvalSetConfig, ckpt: Path
                  problems: list[str]) -> dict[str, Any]:
     """Step localization (CrossTask protocol, or Mining YouTube with a log-softmax over steps)."""
     from evaluation.annotations import parse_crosstask_annotations, parse_crosstask_tasks, parse_mining_youtube
-    from evaluation.steps import localize
+    from evaluation.steps import localize, step_text_extractor
     from model.checkpoint import load_mcn
     from store.ids import video_id
 
@@ -297,9 +319,11 @@ def localize_set(set_ws: Workspace, cfg: Config, spec: EvalSetConfig, ckpt: Path
     ann.task_of = {video_id(f"{k}.mp4"): v for k, v in ann.task_of.items()}
     model = load_mcn(ckpt)
     device = resolve_device(cfg.evaluate.device)
-    text = extract_stage(set_ws, cfg).extractor("text")
+    stage = extract_stage(set_ws, cfg)
+    # the caption extractor the model was trained with, keeping the step protocol's words per text
+    text = step_text_extractor(stage.cfg.text.name, stage.options("text"), spec.steps)
     result = localize(model, features, ann, text, mining_youtube=spec.kind == "mining_youtube",
-                      batch_size=cfg.evaluate.batch_size, device=device)
+                      cfg=spec.steps, batch_size=cfg.evaluate.batch_size, device=device)
     problems += result.pop("problems", [])
     return {"set": spec.name, "kind": spec.kind, "checkpoint": str(ckpt), "localization": result,
             "problems": problems}

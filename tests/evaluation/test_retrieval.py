@@ -30,15 +30,22 @@ def naive_rank(sim: np.ndarray, ties: str) -> np.ndarray:
     return out
 
 
-def naive_metrics(ranks: np.ndarray, n_total: int, m: int) -> dict[str, float]:
-    padded = list(ranks) + [m] * (n_total - len(ranks))
-    return {
-        "R@1": sum(r < 1 for r in ranks) / n_total,
-        "R@5": sum(r < 5 for r in ranks) / n_total,
-        "R@10": sum(r < 10 for r in ranks) / n_total,
-        "median_rank": float(np.median(padded)) + 1,
-        "mean_rank": sum(padded) / len(padded) + 1,
+def naive_metrics(ranks: np.ndarray, n_total: int | None, m: int) -> dict[str, float]:
+    """Recalls over n_total (None: the evaluated queries); ranks over the evaluated queries, and with
+    n_total also over all of them, each missing query at 0-based rank m."""
+    total = len(ranks) if n_total is None else n_total
+    out = {
+        "R@1": sum(r < 1 for r in ranks) / total,
+        "R@5": sum(r < 5 for r in ranks) / total,
+        "R@10": sum(r < 10 for r in ranks) / total,
+        "median_rank": float(np.median(ranks)) + 1,
+        "mean_rank": sum(ranks) / len(ranks) + 1,
     }
+    if n_total is not None:
+        padded = list(ranks) + [m] * (n_total - len(ranks))
+        out["median_rank_all"] = float(np.median(padded)) + 1
+        out["mean_rank_all"] = sum(padded) / len(padded) + 1
+    return out
 
 
 # A 3 x 4 case worked out by hand.
@@ -70,13 +77,25 @@ def test_metrics_hand_case() -> None:
 
 
 def test_metrics_with_missing_queries() -> None:
-    # 3 of 5 queries evaluated against 4 candidates; the 2 missing get 0-based rank M = 4.
-    m = retrieval_metrics(HAND, ties="optimistic", n_total=5)  # ranks 0, 2, 1, 4, 4
-    assert m["R@1"] == pytest.approx(1 / 5)
-    assert m["R@5"] == pytest.approx(3 / 5)
-    assert m["median_rank"] == 3.0  # median(0, 1, 2, 4, 4) + 1
-    assert m["mean_rank"] == pytest.approx(11 / 5 + 1)
+    # 3 of 5 annotated queries evaluated against 4 candidates, 0-based ranks 0, 2, 1 (optimistic).
+    m = retrieval_metrics(HAND, ties="optimistic", n_total=5)
+    # recalls: the 2 missing queries are misses, divided by 5
+    assert (m["R@1"], m["R@5"], m["R@10"]) == (pytest.approx(1 / 5), pytest.approx(3 / 5), pytest.approx(3 / 5))
+    # the reference's median and mean: over the 3 evaluated queries only
+    assert m["median_rank"] == 2.0  # median(0, 1, 2) + 1
+    assert m["mean_rank"] == 2.0  # (0 + 2 + 1) / 3 + 1
+    # all 5 queries, the 2 missing at 0-based rank M = 4 (1-based 5)
+    assert m["median_rank_all"] == 3.0  # median(0, 1, 2, 4, 4) + 1
+    assert m["mean_rank_all"] == pytest.approx(11 / 5 + 1)
     assert (m["n_queries"], m["n_total"]) == (3, 5)
+    # a pessimistic case where the two medians differ by more: ranks 1, 2, 3 of 3 evaluated, 7 counted
+    m = retrieval_metrics(HAND, n_total=7)
+    assert (m["median_rank"], m["median_rank_all"]) == (3.0, 5.0)  # median(1,2,3)+1; median(1,2,3,4,4,4,4)+1
+    assert (m["mean_rank"], m["mean_rank_all"]) == (3.0, pytest.approx(22 / 7 + 1))
+    assert m["R@5"] == pytest.approx(3 / 7)
+    # n_total equal to the queries evaluated: both variants are reported and agree
+    m = retrieval_metrics(HAND, n_total=3)
+    assert (m["median_rank"], m["median_rank_all"], m["mean_rank"], m["mean_rank_all"]) == (3.0, 3.0, 3.0, 3.0)
 
 
 def test_nan_scores_count_as_worst() -> None:
@@ -203,6 +222,7 @@ def test_report_drops_clips_without_audio_as_misses() -> None:
     expected = naive_metrics(naive_rank(sub, "pessimistic"), 12, 10)
     for key, value in expected.items():
         assert report["text_to_video_audio"][key] == pytest.approx(value), key
+    assert "median_rank_all" not in report["text_to_video"]  # nothing missing, no n_total given
     assert report["text_to_video_audio"]["n_queries"] == 10
     assert report["text_to_video_audio"]["n_total"] == 12
     # text->video keeps every clip; n_total adds clips missing from the inputs altogether
@@ -251,6 +271,6 @@ def test_report_accepts_tensors() -> None:
     from_numpy = retrieval_report(text, video, chunk_size=6)
     from_torch = retrieval_report(torch.from_numpy(text), torch.from_numpy(video))
     assert from_numpy == from_torch
-    expected = naive_metrics(naive_rank(video @ text.T, "pessimistic"), 20, 20)
+    expected = naive_metrics(naive_rank(video @ text.T, "pessimistic"), None, 20)
     for key, value in expected.items():
         assert from_numpy["video_to_text"][key] == pytest.approx(value), key

@@ -1,5 +1,6 @@
-"""Step localization on fixture shards with a tiny MCN: per-second plumbing, scores and recall
-recomputed independently, an engineered model that must localize perfectly, missing videos."""
+"""Step localization on fixture shards with a tiny MCN: per-second plumbing (audio windows shifted
+inside the video, 30-word step texts), scores and recall recomputed independently, an engineered
+model that must localize perfectly, missing videos."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ import torch
 
 from evaluation.annotations import StepAnnotations, parse_crosstask_annotations, parse_crosstask_tasks
 from evaluation.localization import ordered_step_assignment
-from evaluation.steps import audio_windows, localize, per_second_video
-from extractors import create
+from evaluation.steps import (
+    StepsConfig,
+    audio_windows,
+    embed_task_steps,
+    localize,
+    per_second_video,
+    step_text_extractor,
+    window_start,
+)
 from model.mcn import MCN, MCNConfig
 from store.layout import Workspace
 from store.reader import open_features
@@ -29,8 +37,9 @@ def tiny_config() -> MCNConfig:
 
 
 @pytest.fixture(scope="module")
-def extractor(tmp_path_factory: pytest.TempPathFactory):
-    """The real word2vec extractor on a tiny vocabulary; alpha/beta/gamma are the one-hot e0/e1/e2."""
+def w2v_options(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Options of the real word2vec extractor on a tiny vocabulary (captions: 20 words, the default);
+    alpha/beta/gamma are the one-hot e0/e1/e2."""
     from gensim.models import KeyedVectors
 
     table = np.random.default_rng(5).standard_normal((len(VOCAB), DW)).astype(np.float32)
@@ -40,7 +49,13 @@ def extractor(tmp_path_factory: pytest.TempPathFactory):
     kv.add_vectors(VOCAB, table)
     path = tmp_path_factory.mktemp("w2v") / "vectors.txt"
     kv.save_word2vec_format(str(path), binary=False)
-    return create("word2vec", {"weights": str(path), "binary": False})
+    return {"weights": str(path), "binary": False}
+
+
+@pytest.fixture(scope="module")
+def extractor(w2v_options: dict):
+    """The step texts' extractor: the caption extractor re-made to keep 30 words."""
+    return step_text_extractor("word2vec", w2v_options, StepsConfig())
 
 
 def fake(key: str, rng: np.random.Generator, seconds: int, audio_frames: int | None,
@@ -79,13 +94,14 @@ def write_annotations(folder: Path, rows: dict[tuple[str, str], list[tuple[int, 
 
 def ref_inputs(v: FakeVideo, fps_3d: float = 1.5, audio_rate: float = 100.0
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per second: video (T, 32), audio windows (T, 40, 8·rate), frames (T,), written from the
-    definition: 3D rows i whose span [i/fps, (i+1)/fps) meets [t, t+1); audio frames of the 8 s centred
-    on t + 0.5 (at 100/s: [100t - 350, 100t + 450))."""
+    """Per second: video (T, 32), audio windows (T, 40, 1024), frames (T,), written from the
+    definition: 3D rows i whose span [i/fps, (i+1)/fps) meets [t, t+1); audio frames of the 8 s
+    [t - 4, t + 4] moved to start at 0 or to end at T (at 100/s: 800 frames [100t - 400, 100t + 400)
+    in the middle of the video), zero-padded to 1024."""
     t_len = v.video2d.shape[0]
     window = round(8 * audio_rate)
     video = np.zeros((t_len, D2 + D3), np.float32)
-    audio = np.zeros((t_len, N_MELS, window), np.float32)
+    audio = np.zeros((t_len, N_MELS, 1024), np.float32)
     frames = np.zeros(t_len, np.int64)
     for t in range(t_len):
         x2 = v.video2d[t].astype(np.float32)
@@ -93,8 +109,12 @@ def ref_inputs(v: FakeVideo, fps_3d: float = 1.5, audio_rate: float = 100.0
         x3 = v.video3d[rows].astype(np.float32).max(axis=0)
         video[t] = np.concatenate([x2 / np.linalg.norm(x2), x3 / np.linalg.norm(x3)])
         if v.audio is not None:
-            lo = max(0, round(audio_rate * (t + 0.5)) - window // 2)
-            hi = min(len(v.audio), round(audio_rate * (t + 0.5)) + window // 2)
+            lo = round(audio_rate * (t - 4))
+            if lo < 0:
+                lo = 0
+            elif lo + window > round(audio_rate * t_len):
+                lo = max(0, round(audio_rate * t_len) - window)
+            hi = min(len(v.audio), lo + window)
             if hi > lo:
                 audio[t, :, : hi - lo] = v.audio[lo:hi].T
                 frames[t] = hi - lo
@@ -144,21 +164,70 @@ def test_per_second_rows_and_audio_windows() -> None:
         np.testing.assert_allclose(out[t, :4], v2[t] / np.linalg.norm(v2[t].astype(np.float32)), rtol=1e-3)
         assert np.linalg.norm(out[t, :4]) == pytest.approx(1.0, abs=1e-6)
 
-    mel = np.tile(np.arange(900, dtype=np.float16)[:, None], (1, N_MELS))  # frame i holds the value i
-    windows, frames = audio_windows(mel, np.array([0, 3, 5, 9, 13]), window_s=8.0, rate=100.0)
-    assert windows.shape == (5, N_MELS, 800) and windows.dtype == np.float16
-    # t=0: [0, 4.5 s) truncated at the start; t=3: [-0.5, 7.5) → [0, 750); t=5: [1.5, 9.5) → audio ends
-    # at 900; t=9: [5.5, 13.5) → [550, 900); t=13: starts at 950 > 900 → nothing
-    assert frames.tolist() == [450, 750, 750, 350, 0]
-    for i, (lo, n) in enumerate([(0, 450), (0, 750), (150, 750), (550, 350), (0, 0)]):
-        np.testing.assert_array_equal(windows[i, 7, :n], np.arange(lo, lo + n))
-        assert not windows[i, :, n:].any()
-    # at 50 frames/s the 8 s window is 400 frames: t=3 → [0, 7.5 s) = frames [0, 375); t=9 → [275, 450)
-    windows, frames = audio_windows(mel[:450], np.array([3, 9]), window_s=8.0, rate=50.0)
-    assert windows.shape == (2, N_MELS, 400) and frames.tolist() == [375, 175]
-    np.testing.assert_array_equal(windows[0, 7, :375], np.arange(375))
-    np.testing.assert_array_equal(windows[1, 7, :175], np.arange(275, 450))
-    assert not windows[:, :, 375:].any() and not windows[1, :, 175:].any()
+
+
+def ramp(n: int) -> np.ndarray:
+    """(n, N_MELS) log-mel frames where frame i holds the value i (exact in float16 below 2048)."""
+    return np.tile(np.arange(n, dtype=np.float16)[:, None], (1, N_MELS))
+
+
+def assert_windows(windows: np.ndarray, frames: np.ndarray, expected: list[tuple[int, int]]) -> None:
+    """Window i holds frames [lo, hi) of the ramp, then zeros up to 1024."""
+    assert frames.tolist() == [hi - lo for lo, hi in expected]
+    for i, (lo, hi) in enumerate(expected):
+        np.testing.assert_array_equal(windows[i, 7, : hi - lo], np.arange(lo, hi))
+        assert not windows[i, :, hi - lo :].any()
+
+
+def test_audio_windows_are_shifted_inside_the_video_and_padded_to_1024() -> None:
+    cfg = StepsConfig()
+    assert (cfg.audio_window_s, cfg.audio_frames, cfg.max_words) == (8.0, 1024, 30)
+    # A 10 s video with 10 s of audio at 100 frames/s. [t-4, t+4]: t=0 would start at -4 → [0, 8 s);
+    # t=5 → [1, 9 s); t=6 would end at 10 → [2, 10 s); t=9 would end at 13 → [2, 10 s) as well.
+    windows, frames = audio_windows(ramp(1000), np.array([0, 2, 5, 6, 9]), 10, 100.0, cfg)
+    assert windows.shape == (5, N_MELS, 1024) and windows.dtype == np.float16
+    assert_windows(windows, frames, [(0, 800), (0, 800), (100, 900), (200, 1000), (200, 1000)])
+    # audio longer than the video: the window still ends at the video's end (10 s), not the audio's
+    windows, frames = audio_windows(ramp(1200), np.array([9]), 10, 100.0, cfg)
+    assert_windows(windows, frames, [(200, 1000)])
+    # audio ending before the video (9 s of 10): the last window keeps the frames there are
+    windows, frames = audio_windows(ramp(900), np.array([0, 9]), 10, 100.0, cfg)
+    assert_windows(windows, frames, [(0, 800), (200, 900)])
+    # a 5 s video (shorter than the window): every second takes [0, 8 s) of what there is
+    windows, frames = audio_windows(ramp(500), np.array([0, 4]), 5, 100.0, cfg)
+    assert_windows(windows, frames, [(0, 500), (0, 500)])
+    # at 50 frames/s the window is 400 frames, padded to 1024: t=7 of 10 → [2, 10 s) = [100, 500)
+    windows, frames = audio_windows(ramp(500), np.array([3, 7]), 10, 50.0, cfg)
+    assert windows.shape == (2, N_MELS, 1024)
+    assert_windows(windows, frames, [(0, 400), (100, 500)])
+    assert [window_start(t, 8.0, 10.0) for t in (0, 4, 5, 6, 9)] == [0.0, 0.0, 1.0, 2.0, 2.0]
+
+
+def test_step_texts_keep_30_words(w2v_options: dict) -> None:
+    # 35 known words: the first 30 (no "gamma" among them), then 5 times "gamma"
+    first = [VOCAB[i % 8] for i in range(30)]
+    text = " ".join(first + ["gamma"] * 5)
+    captions = step_text_extractor("word2vec", {**w2v_options, "max_words": 20}, StepsConfig())
+    words, lengths = captions([text])
+    assert words.shape == (1, 30, DW) and lengths.tolist() == [30]  # the caption cut (20) is replaced
+    table = create_table(w2v_options)
+    np.testing.assert_array_equal(words[0], np.stack([table[w] for w in first]))
+
+    # embed_task_steps cuts to max_words even when the extractor gives more rows
+    wide = step_text_extractor("word2vec", w2v_options, StepsConfig(max_words=40))
+    torch.manual_seed(2)
+    model = MCN(tiny_config())
+    ts = embed_task_steps(model, wide, (text,))
+    kept = torch.from_numpy(np.stack([table[w] for w in first])[None])
+    np.testing.assert_allclose(ts.emb, model.embed_text(kept).numpy(), rtol=1e-5, atol=1e-6)
+    all35 = torch.from_numpy(np.stack([table[w] for w in first + ["gamma"] * 5])[None])
+    assert not np.allclose(model.embed_text(all35).numpy(), ts.emb)  # the 5 extra words would matter
+
+
+def create_table(options: dict) -> dict[str, np.ndarray]:
+    """word -> vector, read back from the fixture's word2vec text file."""
+    lines = Path(options["weights"]).read_text().splitlines()[1:]
+    return {w: np.array(vec, dtype=np.float32) for w, *vec in (line.split() for line in lines)}
 
 
 @pytest.fixture(scope="module")
