@@ -9,10 +9,18 @@ Follows the reference (``train_tri_kmeans.py`` with ``fast_pytorch_kmeans``, cos
   algorithm runs on queue + current batch, warm-started from the previous centroids; in between, points
   go to the nearest fixed centroid.
 
-Deliberate differences from the reference: empty clusters are re-seeded from the points farthest from
-their centroid (the reference left them as zero vectors); a partly filled queue is used as it is (the
-reference ignored the queue until it was full); the labels returned by a refit are those of the final
-centroids; the RNG is an explicit ``torch.Generator`` saved in :meth:`state_dict`.
+The reference's ``KMeans(n_clusters, mode="cosine")`` (fast_pytorch_kmeans 0.1.x) starts from K
+distinct random data points, runs at most 100 Lloyd iterations and stops after the update whose total
+squared centroid shift ``Σ_k ‖c_k' − c_k‖²`` is ≤ 1e-4, and sets the centroid of a cluster that got no
+point to the zero vector (its mean 0/0 = NaN is replaced by 0). ``init="random"``, ``iters=100``,
+``stop="shift"``, ``shift_tol=1e-4``, ``empty="zero"`` reproduce that (configs/paper.yaml); the
+defaults here are k-means++ seeding, at most 20 iterations stopping when no label changes, and
+re-seeding empty clusters from the points farthest from their centroid (``empty="reseed"``).
+
+Deliberate differences from the reference in every setting: a partly filled queue is used as it is
+(the reference ignored the queue until it was full); the labels returned by a refit are those of the
+final centroids (the reference returned those of the last assignment, one update earlier; equal when
+the last shift is 0); the RNG is an explicit ``torch.Generator`` saved in :meth:`state_dict`.
 
 Usage per training step: ``labels = km.step(fused)`` then ``km.push(km.queue_subset(fused, n_pair))``
 (the reference clusters queue + batch before the batch enters the queue); ``km.new_epoch()`` at the
@@ -37,15 +45,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class KMeansConfig:
-    """Online k-means settings; defaults are the reference's (K 256, 20-batch queue, refit every 20)."""
+    """Online k-means settings. K, queue and refit cadence default to the reference's (K 256, 20-batch
+    queue, refit every 20); the Lloyd settings (init, iters, stop, empty) default to ours, and
+    configs/paper.yaml sets the reference's (random, 100, shift ≤ 1e-4, zero): see the module docstring.
+    """
 
     k: int = 256
     queue_batches: int = 20  # batches kept in the FIFO queue
     queue_clips_per_video: int = 16  # clips of every video that enter the queue (first ones of n_pair)
     refit_every: int = 20  # steps between full refits (a refit also happens on the first step)
-    iters: int = 20  # max Lloyd iterations per refit
-    tol: float = 0.0  # stop when at most this fraction of labels changed in an iteration (< 0: never)
+    iters: int = 20  # max Lloyd iterations per refit (the reference: 100)
+    # When a refit stops early: "labels": when at most ``tol`` × N labels changed since the previous
+    # assignment; "shift" (the reference): after the update whose Σ_k ‖c_k' − c_k‖² (raw centroids,
+    # the fused vectors' units squared) is ≤ ``shift_tol``.
+    stop: Literal["labels", "shift"] = "labels"
+    tol: float = 0.0  # stop "labels": fraction of labels changed (< 0: never stop early)
+    shift_tol: float = 1e-4  # stop "shift": fast_pytorch_kmeans' default tol, which the reference used
     init: Literal["kmeans++", "random"] = "kmeans++"  # seeding when there are no centroids yet
+    # A cluster left without points in a Lloyd iteration: "reseed" moves it onto the point farthest
+    # from its centroid; "keep" leaves its centroid where it was; "zero" (the reference) sets it to 0.
+    empty: Literal["reseed", "keep", "zero"] = "reseed"
     init_max_points: int = 4096  # k-means++ runs on a random subset of at most this many points
     init_proj_dim: int = 256  # ... in a random projection to this many dims (0: none); cosines ≈ kept
     reinit_each_epoch: bool = True  # new_epoch() drops the centroids (the queue is kept, as the reference)
@@ -57,6 +76,10 @@ class KMeansConfig:
             raise ValueError(f"invalid k-means config: {self}")
         if self.init not in ("kmeans++", "random"):
             raise ValueError(f"init must be 'kmeans++' or 'random', got {self.init!r}")
+        if self.stop not in ("labels", "shift"):
+            raise ValueError(f"stop must be 'labels' or 'shift', got {self.stop!r}")
+        if self.empty not in ("reseed", "keep", "zero"):
+            raise ValueError(f"empty must be 'reseed', 'keep' or 'zero', got {self.empty!r}")
 
 
 class OnlineKMeans:
@@ -294,30 +317,50 @@ class OnlineKMeans:
         return done
 
     def _fit(self, x: Tensor) -> Tensor:
-        """Lloyd iterations on x (N, D); sets self.centroids; returns labels (N,) of the final centroids."""
+        """Lloyd iterations on x (N, D); sets self.centroids; returns labels (N,) of the final centroids.
+
+        Each iteration assigns every point to its nearest centroid (cosine), then moves every centroid
+        to the mean of its raw members; ``cfg.stop`` / ``cfg.empty`` choose the stopping rule and what
+        an empty cluster's centroid becomes (see :class:`KMeansConfig`). ``last_fit_iters`` counts the
+        assignments made inside the loop.
+        """
         if x.shape[0] == 0:
             raise ValueError("k-means refit on zero points")
+        cfg = self.cfg
         xn = F.normalize(x, dim=1)
         c = self._init_centroids(x, xn) if self.centroids is None else self.centroids.clone()
         prev: Tensor | None = None
         n_reseeded = 0
-        converged = False
+        converged = False  # True: ``labels`` are already the assignment to the final ``c``
         self.last_fit_iters = 0
-        for _ in range(self.cfg.iters):
+        for _ in range(cfg.iters):
             labels, best = self._assign(xn, c)
-            n_reseeded += self._reseed_empty(x, labels, best, c)
+            if cfg.empty == "reseed":
+                n_reseeded += self._reseed_empty(x, labels, best, c)
             self.last_fit_iters += 1
-            if prev is not None and int((labels != prev).sum()) <= self.cfg.tol * labels.numel():
+            if cfg.stop == "labels" and prev is not None and int((labels != prev).sum()) <= cfg.tol * labels.numel():
                 converged = True  # labels are the assignment to the current centroids c
                 break
-            counts = torch.bincount(labels, minlength=self.cfg.k)
+            counts = torch.bincount(labels, minlength=cfg.k)
             sums = torch.zeros_like(c).index_add_(0, labels, x)
             nonempty = counts > 0
-            c[nonempty] = sums[nonempty] / counts[nonempty, None].to(c.dtype)
-            prev = labels
+            new = c.clone()
+            new[nonempty] = sums[nonempty] / counts[nonempty, None].to(c.dtype)
+            if cfg.empty == "zero":
+                new[~nonempty] = 0.0
+            if cfg.stop == "shift":
+                shift = float((new - c).pow(2).sum())
+                c = new
+                if shift <= cfg.shift_tol:
+                    converged = shift == 0.0  # otherwise the labels are of the centroids before the update
+                    break
+            else:
+                c = new
+                prev = labels
         if not converged:
             labels, best = self._assign(xn, c)
-            n_reseeded += self._reseed_empty(x, labels, best, c)
+            if cfg.empty == "reseed":
+                n_reseeded += self._reseed_empty(x, labels, best, c)
         if n_reseeded:
             logger.debug("k-means refit re-seeded %d empty clusters", n_reseeded)
         self.centroids = c

@@ -36,7 +36,7 @@ from pipeline.captions import (
     read_caption_file,
     read_sidecar,
 )
-from pipeline.probe import ProbeCache, probe_all
+from pipeline.probe import PYAV, ProbeCache, probe_all, probe_tool
 from pipeline.terminal import terminal_safe
 from pipeline.walk import display_path, find_sidecar, name_problem, walk_videos
 from pipeline.runner import Workers, run_unit
@@ -48,6 +48,7 @@ from store.lineage import RUNTIME, Lineage, UnitState, config_dict, fingerprint,
 from store.manifest import (
     Caption,
     VideoRecord,
+    assign_shards,
     captions_text,
     group_by_shard,
     iter_manifest,
@@ -58,7 +59,7 @@ from store.manifest import (
 )
 
 #: Version of the scan's output in its lineage: bump it when a change alters the manifest or captions.
-SCAN_VERSION = "scan-3"
+SCAN_VERSION = "scan-4"  # scan-4: new videos are planned in seeded-hash order, not path order
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,13 @@ logger = logging.getLogger(__name__)
 class ScanConfig:
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".mkv", ".webm", ".avi", ".mov"])
     shard_size: int = 64  # videos per shard (fixed at the first scan; later scans keep the plan)
-    probe_workers: int = field(default=8, metadata=RUNTIME)  # concurrent ffprobe processes
-    probe_timeout_s: float = field(default=120.0, metadata=RUNTIME)  # ffprobe is killed after this
+    plan_seed: int = 0  # order in which new videos fill the shards (store.manifest.assign_shards)
+    probe_workers: int = field(default=8, metadata=RUNTIME)  # concurrent probe processes (ffprobe or PyAV)
+    probe_timeout_s: float = field(default=120.0, metadata=RUNTIME)  # a probe is killed after this (s)
+    # "auto" | "ffprobe" | "pyav": what probes the videos (auto: ffprobe when on PATH, else PyAV in a
+    # child process). The request is RUNTIME; the tool it resolves to enters the scan's lineage
+    # (scan_lineage) since fields such as n_frames may differ between the two.
+    probe_tool: str = field(default="auto", metadata=RUNTIME)
     captions_file: str | None = None  # HowTo100M-style JSON/CSV: video id or stem → captions
     caption_encodings: list[str] = field(default_factory=list)  # fallbacks when a file is not UTF-8
     max_caption_bytes: int = 16 * 1024 * 1024  # a larger side-car caption file fails its video
@@ -91,25 +97,6 @@ class ScanResult:
                    n_shards=record["n_shards"], n_probed=0,
                    failures=[(str(p), str(w)) for p, w in record.get("failures", [])], up_to_date=True,
                    skipped=[(str(p), str(w)) for p, w in record.get("skipped", [])])
-
-
-def _plan_shards(records: list[VideoRecord], previous: dict[str, int], shard_size: int) -> None:
-    """Keep the shard of every video already planned; append new ones after them."""
-    counts: dict[int, int] = {}
-    for r in records:
-        if r.id in previous:
-            r.shard = previous[r.id]
-            counts[r.shard] = counts.get(r.shard, 0) + 1
-    next_shard = max(counts, default=-1)
-    if next_shard < 0 or counts[next_shard] >= shard_size:
-        next_shard += 1
-    for r in records:
-        if r.id in previous:
-            continue
-        while counts.get(next_shard, 0) >= shard_size:
-            next_shard += 1
-        r.shard = next_shard
-        counts[next_shard] = counts.get(next_shard, 0) + 1
 
 
 @dataclass
@@ -182,13 +169,17 @@ def _file_stat(path: str | None) -> list[Any] | None:
 
 
 def scan_lineage(root: Path, cfg: ScanConfig, listing: list[list[Any]] | None) -> Lineage:
-    """Config (without runtime settings), code, and inputs: the videos root, the identity of every
-    video file and side-car and of what the walk skipped (``listing``; None: not walked, only the
-    config is compared) and of the captions file."""
+    """Config (without runtime settings, with the probe tool when it resolves to PyAV: ffprobe, the
+    historical tool, adds nothing, so scans made with it stay done), code, and inputs: the videos root,
+    the identity of every video file and side-car and of what the walk skipped (``listing``; None: not
+    walked, only the config is compared) and of the captions file."""
     inputs = {"videos_root": fingerprint(str(root)), "captions_file": fingerprint(_file_stat(cfg.captions_file))}
     if listing is not None:
         inputs["videos"] = fingerprint(listing)
-    return Lineage(config=fingerprint(config_dict(cfg)), code=SCAN_VERSION, inputs=inputs)
+    config = config_dict(cfg)
+    if probe_tool(cfg.probe_tool) == PYAV:
+        config["probe_tool"] = PYAV
+    return Lineage(config=fingerprint(config), code=SCAN_VERSION, inputs=inputs)
 
 
 def scan_state(ws: Workspace, root: Path, cfg: ScanConfig, listing: list[list[Any]] | None) -> UnitState:
@@ -308,7 +299,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
     cache = ProbeCache(ws.probe_cache)
     try:
         probes, n_probed = probe_all(root, to_probe, cache, workers=cfg.probe_workers, timeout_s=cfg.probe_timeout_s,
-                                     progress=progress)
+                                     progress=progress, tool=probe_tool(cfg.probe_tool))
     finally:
         cache.close()
 
@@ -354,8 +345,7 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
             rec.error = terminal_safe(rec.error)
         rec.warnings = [terminal_safe(w) for w in rec.warnings]
 
-    _plan_shards(records, previous, cfg.shard_size)
-    records.sort(key=lambda r: (r.shard, r.path))
+    records = assign_shards(records, previous, cfg.shard_size, cfg.plan_seed)
     shards = group_by_shard(records)
     items = {index: [(r.id, captions.get(id(r), [])) for r in recs] for index, recs in shards.items()}
     claim.verify()
@@ -388,8 +378,8 @@ def _scan(root: Path, ws: Workspace, cfg: ScanConfig, inputs: Inputs, lineage: L
     record = make_record(
         "scan", lineage,
         videos_root=str(root), n_videos=result.n_videos, n_ok=result.n_ok, n_failed=result.n_failed,
-        n_shards=result.n_shards, shard_size=cfg.shard_size, captions_file=cfg.captions_file,
-        captions_file_error=caption_file_error, failures=[list(f) for f in failures],
+        n_shards=result.n_shards, shard_size=cfg.shard_size, plan_seed=cfg.plan_seed,
+        captions_file=cfg.captions_file, captions_file_error=caption_file_error, failures=[list(f) for f in failures],
         skipped=[list(s) for s in inputs.skipped], retry=sorted(retry), shards=plan,
         manifest_bytes=len(text.encode("utf-8")),
         output=fingerprint(text, [captions_text(items[i]) for i in sorted(items)]),

@@ -1,6 +1,7 @@
 """The manifest, the per-shard caption files and the shard plan written by ``scan``.
 
-``manifest.jsonl`` holds one :class:`VideoRecord` per video in shard-plan order; ``captions/
+``manifest.jsonl`` holds one :class:`VideoRecord` per video in shard-plan order (which video goes
+where is :func:`assign_shards`); ``captions/
 shard-NNNNNN.jsonl`` one line per video of a shard (``{"id", "captions": [{"start", "end", "text"}]}``,
 seconds); ``scan.json`` is the scan's record (:mod:`store.lineage`) whose payload holds the shard plan:
 for every shard its index, its number of videos and the fingerprints of its inputs (the identity of
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -61,7 +63,7 @@ class VideoRecord:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def fail(self, reason: str) -> "VideoRecord":
+    def fail(self, reason: str) -> VideoRecord:
         self.status = "failed"
         self.error = reason
         return self
@@ -75,7 +77,7 @@ class VideoRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "VideoRecord":
+    def from_json(cls, data: dict) -> VideoRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -135,6 +137,46 @@ def read_captions(path: Path) -> dict[str, list[Caption]]:
 
 # --------------------------------------------------------------------------------------------------
 # The shard plan
+
+
+def plan_key(video_id: str, seed: int) -> str:
+    """Where a new video goes in the plan: a seeded hash of its id (blake2b, 16 hex digits). Sorting
+    by it is a seeded permutation that does not depend on paths or on the other videos, so that a
+    shard is a uniform sample of the collection however the folders are organised."""
+    return hashlib.blake2b(f"{int(seed)}\x1f{video_id}".encode("utf-8", "surrogateescape"),
+                           digest_size=8).hexdigest()
+
+
+def assign_shards(records: list[VideoRecord], previous: dict[str, int], shard_size: int,
+                  seed: int) -> list[VideoRecord]:
+    """The shard rule of the plan: set ``record.shard`` of every record and return the records in
+    plan order (the manifest's order: by shard, and within a shard in the order of the samples).
+
+    A video planned before (``previous``: id → shard, in the order of the manifest on disk) keeps its
+    shard and its place, so a re-scan never moves a video and the shards done stay done (a plan made
+    under an older rule stays as it is). New videos, in the order of :func:`plan_key` (``seed``: the
+    scan's ``plan_seed``), fill the last shard up to ``shard_size`` and then new shards after it. On
+    a first scan every video is new: the shards are a seeded random partition of the collection and
+    each shard's videos are in a seeded random order, so a shard's first videos are no more
+    alike than its last.
+    """
+    place = {vid: i for i, vid in enumerate(previous)}
+    counts: dict[int, int] = {}
+    for r in records:
+        if r.id in previous:
+            r.shard = previous[r.id]
+            counts[r.shard] = counts.get(r.shard, 0) + 1
+    next_shard = max(counts, default=-1)
+    if next_shard < 0 or counts[next_shard] >= shard_size:
+        next_shard += 1
+    new = sorted((r for r in records if r.id not in previous), key=lambda r: (plan_key(r.id, seed), r.id))
+    for i, r in enumerate(new):
+        while counts.get(next_shard, 0) >= shard_size:
+            next_shard += 1
+        r.shard = next_shard
+        counts[next_shard] = counts.get(next_shard, 0) + 1
+        place[r.id] = len(previous) + i
+    return sorted(records, key=lambda r: (r.shard, place[r.id]))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from model.data import (
-    DataConfig, Rates, VideoFeatures, add_counts, batches_per_epoch, build_clips, clip_rng, crop_audio,
-    decode_video, empty_counts, make_loader, merge_span, merge_words, pool_video, shard_sequence,
+    DataConfig, Rates, VideoFeatures, add_counts, batches_per_epoch, build_batch, build_clips, clip_rng, collate,
+    crop_audio, decode_video, empty_counts, make_loader, merge_order, merge_span, merge_words, pool_clips, pool_video,
+    shard_sequence,
 )
 from store.lineage import read_record
 from store.fields import FIELDS
@@ -64,6 +65,43 @@ def test_pool_video_empty_slice_gives_zeros() -> None:
     np.testing.assert_array_equal(pool_video(np.zeros((0, 4), np.float16), 0.0, 5.0, 1.0), np.zeros(4))
 
 
+def _one_clip_before(rows: np.ndarray, start: float, end: float, fps: float) -> np.ndarray:
+    """The per-clip rule as it was written before pool_clips (numpy, one clip at a time)."""
+    a, b = int(start * fps), int(end * fps) + 1
+    piece = rows[max(a, 0):max(b, 0)]
+    if len(piece) == 0:
+        return np.zeros(rows.shape[1], dtype=np.float32)
+    v = piece.max(axis=0).astype(np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def test_pool_clips_equals_the_per_clip_rule_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    rows = np.frombuffer(rng.standard_normal((40, 64)).astype(np.float16).tobytes(), np.float16).reshape(40, 64)
+    assert not rows.flags.writeable  # as decoded from a shard
+    # inside, across the end, past the end, before the start, one row, fps 1 and 1.5
+    starts = np.array([0.0, 2.4, 25.0, 30.0, -3.0, 7.0, 26.2])
+    ends = np.array([39.9, 5.1, 40.0, 35.0, -1.0, 7.0, 26.6])
+    for fps in (1.0, 1.5):
+        got = pool_clips(rows, starts, ends, fps)
+        want = np.stack([_one_clip_before(rows, s, e, fps) for s, e in zip(starts, ends)])
+        assert got.dtype == np.float32 and got.shape == (7, 64)
+        np.testing.assert_array_equal(got, want)
+        assert not got[3 if fps == 1.5 else 4].any() and not got[4].any()  # no row: zeros
+
+
+def test_build_batch_equals_the_clips_of_each_video_stacked() -> None:
+    a, b = _hand_video(), _hand_video()
+    b.key, b.audio = "other", None  # a video without audio: its clips keep zeros
+    cfg = DataConfig(n_pair=6, min_time=10.0, audio_frames=300, max_words=20)
+    batch = build_batch([a, b], cfg, RATES, seed=3, epoch=1, n_mels=N_MELS)
+    clips = [build_clips(v, cfg, RATES, clip_rng(3, 1, 0, v.key), N_MELS) for v in (a, b)]
+    stacked = collate(clips, ["hand", "other"])
+    assert batch["keys"] == stacked["keys"] == ["hand", "other"]
+    for k in ("video", "audio", "nframes", "text", "text_len", "audio_mask", "start", "end", "video_index"):
+        assert batch[k].dtype == stacked[k].dtype and torch.equal(batch[k], stacked[k]), k
+
+
 def test_crop_audio_pad_crop_and_nframes() -> None:
     mel = (np.arange(500 * 40) % 1000).reshape(500, 40).astype(np.float16)
     out, n = crop_audio(mel, 1.0, 2.5, 100.0, 200)  # rows 100:250 → 150 frames, zero-padded
@@ -86,12 +124,65 @@ def test_merge_words_appends_and_truncates() -> None:
     for i in range(3):
         words[i, : lengths[i], 0] = i + 1
         words[i, : lengths[i], 1] = np.arange(lengths[i])
-    out, n = merge_words(words, lengths, 0, 2, 20)
+    out, n = merge_words(words, lengths, [0, 1, 2], 20)
     assert n == 20  # 3 + 15 + 2 of 6
     np.testing.assert_array_equal(out[:, 0], [1] * 3 + [2] * 15 + [3] * 2)
     np.testing.assert_array_equal(out[18:, 1], [0, 1])
-    out, n = merge_words(words, lengths, 2, 2, 20)
+    out, n = merge_words(words, lengths, [2], 20)
     assert n == 6 and not out[6:].any()
+
+
+# The hand case of the issue: captions of 2 s every 3 s; from seed 4 with min_time 8 s every step
+# is a tie (prev span = next span), so the previous caption is taken twice: 4, then 3, then 2
+# ([6, 14] = 8 s). Each caption has 8 known words.
+TIE_STARTS = np.array([0.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0])
+TIE_ENDS = TIE_STARTS + 2.0
+
+
+def test_merge_order_is_the_order_of_the_merge_steps() -> None:
+    assert merge_order(TIE_STARTS, TIE_ENDS, 4, 8.0) == [4, 3, 2]
+    # the hand captions of STARTS/ENDS (min_time 10): seed 2 takes prev 1 (span 6 < 10), prev 0
+    # (9 < 12), then, at the border, next 3; seed 3 takes prev 2 (span 10 < 18)
+    assert merge_order(STARTS, ENDS, 2, 10.0) == [2, 1, 0, 3]
+    assert merge_order(STARTS, ENDS, 1, 10.0) == [1, 0, 2, 3]
+    assert merge_order(STARTS, ENDS, 3, 10.0) == [3, 2]
+    assert merge_order(STARTS, ENDS, 4, 10.0) == [4]
+
+
+def test_merged_words_keep_the_seed_first_then_neighbours_in_merge_order() -> None:
+    """Reference: seed 4 merged with 3 then 2 keeps c4:8, c3:8, c2:4 (not c2:8, c3:8, c4:4 of time
+    order)."""
+    lengths = np.full(7, 8)
+    words = np.zeros((7, 20, 2), dtype=np.float16)
+    for i in range(7):
+        words[i, :8, 0] = i  # caption id
+        words[i, :8, 1] = np.arange(8)  # word position in its caption
+    order = merge_order(TIE_STARTS, TIE_ENDS, 4, 8.0)
+    out, n = merge_words(words, lengths, order, 20)
+    assert n == 20
+    np.testing.assert_array_equal(out[:, 0], [4] * 8 + [3] * 8 + [2] * 4)
+    np.testing.assert_array_equal(out[:, 1], [*range(8), *range(8), *range(4)])
+    # through build_clips: every clip drawn from seed 4 holds exactly these words
+    v = VideoFeatures(key="tie", video2d=np.ones((21, 4), np.float16), video3d=np.ones((32, 4), np.float16),
+                      audio=None, words=words, lengths=lengths, starts=TIE_STARTS, ends=TIE_ENDS)
+    cfg = DataConfig(n_pair=16, min_time=8.0, audio_frames=10, max_words=20)
+    rng = np.random.default_rng(0)
+    seeds = np.random.default_rng(0).integers(0, 7, size=16)  # build_clips' first draw
+    c = build_clips(v, cfg, RATES, rng, n_mels=4)
+    assert 4 in seeds
+    for p in np.flatnonzero(seeds == 4):
+        assert (c["start"][p], c["end"][p]) == (6.0, 14.0)
+        np.testing.assert_array_equal(c["text"][p], out)
+    # a caption without any known word adds nothing and does not end the merge
+    lengths0 = lengths.copy()
+    lengths0[3] = 0
+    out0, n0 = merge_words(words, lengths0, [4, 3, 2, 1], 20)
+    assert n0 == 20
+    np.testing.assert_array_equal(out0[:, 0], [4] * 8 + [2] * 8 + [1] * 4)
+
+
+#: merge order of every seed caption of STARTS/ENDS at min_time 10 (worked out in the test above)
+HAND_ORDERS = {0: [0, 1, 2, 3], 1: [1, 0, 2, 3], 2: [2, 1, 0, 3], 3: [3, 2], 4: [4]}
 
 
 def _hand_video() -> VideoFeatures:
@@ -115,6 +206,7 @@ def test_build_clips_matches_naive_computation(rates: Rates) -> None:
     v = _hand_video()
     cfg = DataConfig(n_pair=12, min_time=10.0, audio_frames=600, max_words=20)
     c = build_clips(v, cfg, rates, np.random.default_rng(0))
+    seeds = np.random.default_rng(0).integers(0, len(STARTS), size=12)  # build_clips' first draw
     assert c["video"].shape == (12, D2 + D3) and c["audio"].shape == (12, N_MELS, 600)
     assert c["text"].shape == (12, 20, DW) and c["audio_mask"].all()
     spans = {(0.0, 15.0), (5.0, 15.0), (20.0, 30.0), (3.0, 15.0)}
@@ -133,8 +225,10 @@ def test_build_clips_matches_naive_computation(rates: Rates) -> None:
         n = min(int(e * rates.audio) - a0, 600)
         assert c["nframes"][p] == n
         np.testing.assert_array_equal(c["audio"][p, :, :n], v.audio[a0:a0 + n].T)
-        # words of captions first..last, in order
-        ref_words = np.concatenate([v.words[i, : v.lengths[i]] for i in range(first, last + 1)])[:20]
+        # words of the seed caption, then of its neighbours in merge order, cut to 20
+        order = HAND_ORDERS[int(seeds[p])]
+        assert (first, last) == (min(order), max(order))
+        ref_words = np.concatenate([v.words[i, : v.lengths[i]] for i in order])[:20]
         assert c["text_len"][p] == len(ref_words)
         np.testing.assert_array_equal(c["text"][p, : len(ref_words)], ref_words)
         assert not c["text"][p, len(ref_words):].any()

@@ -1,16 +1,22 @@
-"""Online k-means: planted clusters, empty-cluster re-seeding, queue, refit cadence, state round trip."""
+"""Online k-means: planted clusters, empty-cluster re-seeding, queue, refit cadence, state round trip;
+the reference's Lloyd settings of configs/paper.yaml on hand-computed cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
 
 from model.kmeans import KMeansConfig, OnlineKMeans
+from model.train import TrainConfig
 
 
 def blobs(k: int, per: int, dim: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,3 +181,106 @@ def test_stats_and_half_precision_input() -> None:
     assert sorted(st["sizes"]) == [1, 2] and st["n_empty"] == 0 and st["max_size"] == 2 and st["n_points"] == 3
     assert km.centroids.dtype == torch.float32
     assert math.isclose(sum(st["sizes"]), 3)
+
+
+# ---------------------------------------------------------------- the reference's Lloyd (configs/paper.yaml)
+PAPER_YAML = Path(__file__).resolve().parents[2] / "configs" / "paper.yaml"
+
+# Six 2-D points: angles 0°, 18.4°, 45°, 63.4°, 90°, 90°. With seed 0, torch.randperm(6)[:2] = [2, 5].
+SIX = torch.tensor([[1.0, 0.0], [3.0, 1.0], [1.0, 1.0], [1.0, 2.0], [0.0, 1.0], [0.0, 3.0]])
+
+
+def paper_kmeans(**over: object) -> KMeansConfig:
+    """The k-means section of configs/paper.yaml, read as the trainer reads it, with ``over`` replaced."""
+    train = yaml.safe_load(PAPER_YAML.read_text(encoding="utf-8"))["train"]
+    return dataclasses.replace(TrainConfig.from_dict(train).kmeans, **over)
+
+
+def test_paper_preset_is_the_reference_lloyd() -> None:
+    cfg = paper_kmeans()
+    assert (cfg.init, cfg.iters, cfg.stop, cfg.shift_tol, cfg.empty) == ("random", 100, "shift", 1e-4, "zero")
+    assert (cfg.k, cfg.queue_batches, cfg.queue_clips_per_video, cfg.refit_every) == (256, 20, 16, 20)
+    # elsewhere the defaults stay ours
+    d = KMeansConfig()
+    assert (d.init, d.iters, d.stop, d.empty) == ("kmeans++", 20, "labels", "reseed")
+
+
+def test_paper_preset_starts_from_random_data_points_and_converges_by_hand() -> None:
+    cfg = paper_kmeans(k=2, seed=0)
+    assert torch.randperm(6, generator=torch.Generator().manual_seed(0))[:2].tolist() == [2, 5]
+    km = OnlineKMeans(cfg, dim=2)
+    torch.testing.assert_close(km._init_centroids(SIX, F.normalize(SIX, dim=1)), SIX[[2, 5]], rtol=0, atol=0)
+
+    km = OnlineKMeans(cfg, dim=2)
+    labels = km.step(SIX)
+    # By hand, from c = (1,1), (0,3):
+    #  it 1: cosines put 0°, 18°, 45°, 63° with (1,1), 90°, 90° with (0,3) → c = (6/4, 4/4), (0, 2); shift 1.25
+    #  it 2: (1,2) is now nearer (0,2) (cos .894 > .868) → c = (5/3, 2/3), (1/3, 2); shift 9/36
+    #  it 3: same labels → shift 0 ≤ 1e-4: stop (3 of at most 100 iterations)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(km.centroids, torch.tensor([[5 / 3, 2 / 3], [1 / 3, 2.0]]))
+    assert km.stats()["fit_iters"] == 3
+
+
+def test_paper_preset_stops_on_an_absolute_centroid_shift() -> None:
+    # The same points scaled by 1e-3: the first update moves the centroids by 1.25e-6 in total squared
+    # distance, ≤ 1e-4, so the refit stops after one iteration even though label 3 would still change
+    # (our default, stop on labels, runs the 3 iterations above). Labels are those of the final centroids.
+    x = SIX * 1e-3
+    km = OnlineKMeans(paper_kmeans(k=2, seed=0), dim=2)
+    labels = km.step(x)
+    assert km.stats()["fit_iters"] == 1
+    torch.testing.assert_close(km.centroids, torch.tensor([[1.5e-3, 1e-3], [0.0, 2e-3]]))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]  # (1,2) is nearer (0,2) than (1.5,1)
+    ours = OnlineKMeans(KMeansConfig(k=2, seed=0, init="random"), dim=2)
+    ours.step(x)
+    assert ours.stats()["fit_iters"] == 3
+    torch.testing.assert_close(ours.centroids, torch.tensor([[5e-3 / 3, 2e-3 / 3], [1e-3 / 3, 2e-3]]))
+
+
+@pytest.mark.parametrize(("empty", "third"), [("zero", [0.0, 0.0]), ("keep", [-1.0, -1.0])])
+def test_empty_cluster_becomes_zero_in_the_paper_preset(empty: str, third: list[float]) -> None:
+    # Warm start with a third centroid (-1,-1) opposite every point: its cluster is empty from the first
+    # iteration. The reference sets it to 0 (cosine 0 with every point, so it stays empty); "keep"
+    # leaves it; the other two converge as in the hand-computed case above (3 iterations).
+    km = OnlineKMeans(paper_kmeans(k=3, empty=empty), dim=2)
+    km.centroids = torch.tensor([[1.0, 1.0], [0.0, 3.0], [-1.0, -1.0]])
+    labels = km.step(SIX)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(km.centroids, torch.tensor([[5 / 3, 2 / 3], [1 / 3, 2.0], third]))
+    st = km.stats()
+    assert st["refit"] and st["fit_iters"] == 3 and st["sizes"] == [3, 3, 0] and st["n_empty"] == 1
+
+
+def test_paper_preset_state_round_trip_continues_identically() -> None:
+    cfg = paper_kmeans(k=4, queue_batches=3, refit_every=2, seed=5)
+    batches = [torch.randn(12, 6, generator=torch.Generator().manual_seed(200 + i)) for i in range(8)]
+    a, b = OnlineKMeans(cfg, dim=6), None
+    la, lb = [], []
+    for i, x in enumerate(batches):
+        if i == 3:  # checkpoint after 3 steps, resume in a new object
+            buf = io.BytesIO()
+            torch.save(a.state_dict(), buf)
+            buf.seek(0)
+            b = OnlineKMeans(cfg, dim=6)
+            b.load_state_dict(torch.load(buf, weights_only=True))
+        if i == 5:
+            a.new_epoch()
+            if b is not None:
+                b.new_epoch()
+        la.append(a.step(x))
+        a.push(x[:6])
+        if b is not None:
+            lb.append(b.step(x))
+            b.push(x[:6])
+    assert b is not None
+    for x, y in zip(la[3:], lb):
+        assert torch.equal(x, y)
+    assert torch.equal(a.centroids, b.centroids)
+
+
+def test_lloyd_options_are_checked() -> None:
+    with pytest.raises(ValueError):
+        KMeansConfig(stop="iterations")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        KMeansConfig(empty="drop")  # type: ignore[arg-type]

@@ -129,6 +129,14 @@ def test_rescan_unchanged_writes_nothing_and_changes_are_seen(scan_tree, tmp_pat
     assert {k: new_plan[k] for k in plan} == plan and new_plan[video_id("more.mp4")] == 2
     shards = {p["index"]: p for p in json.loads(ws.scan_record.read_text())["shards"]}
     assert {i: shards[i] for i in old} == old  # the existing shards' inputs are unchanged
+    # Another plan seed (or a plan made under an older rule): the scan is redone, but the videos
+    # planned already stay where they are; the manifest and the plan are the same bytes.
+    manifest = ws.manifest.read_bytes()
+    fifth = scan(root, ws, ScanConfig(shard_size=1, plan_seed=7), progress=False)
+    assert not fifth.up_to_date and fifth.n_probed == 0
+    assert ws.manifest.read_bytes() == manifest
+    record = json.loads(ws.scan_record.read_text())
+    assert record["plan_seed"] == 7 and record["shards"] == list(shards.values())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
