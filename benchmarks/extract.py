@@ -26,7 +26,13 @@ Rates are seconds of video per wall second (higher is better). Every figure is p
 1-minute load average (``os.getloadavg()``) measured right after it: on a shared machine a load above
 the core count means the figure is pessimistic.
 
+``--precision both`` (the default) runs the stage and the models parts once in fp32 and once in bf16
+autocast (the 2D and 3D extractors' ``amp``; see extractors/precision.py), alternating, and prints
+the bf16 / fp32 speed-ups of the stage and of the models: a side-by-side comparison in one run.
+``--json`` prints one JSON line per figure (benchmarks/common.py) and nothing else on stdout.
+
     .venv/bin/python benchmarks/extract.py --repeats 1                 # CPU (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/extract.py --quick --json              # smoke run (4 s of 320x180, bf16 only)
     .venv/bin/python benchmarks/extract.py --device cuda --workers 4   # one GPU
 """
 
@@ -48,6 +54,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import emit, parser, use_json  # standard library only
+
+BENCH = "extract"
+PRECISIONS = ("fp32", "bf16")
 
 # Only the standard library at import time: benchmarks/memory.py imports the helpers below into its
 # light driver process. benchmarks/decode.py (and torch with it) is imported where it is used.
@@ -187,7 +198,7 @@ def make_inputs(cache: Path, seconds: float, width: int, height: int, fps: int) 
         t0 = time.perf_counter()
         decode_bench.make_video(tmp, seconds, width, height, fps)
         tmp.rename(mp4)
-        print(f"generated {mp4} in {time.perf_counter() - t0:.1f} s (load {load1():.2f})")
+        print(f"generated {mp4} in {time.perf_counter() - t0:.1f} s (load {load1():.2f})", file=sys.stderr)
     if not srt.exists():
         lines, t, i = [], 0.0, 0
         while t + 0.5 < seconds:
@@ -204,6 +215,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
            f"extract.decode.backend={args.backend}", f"extract.torch_threads={args.threads}"]
     for f in ("video2d", "video3d", "text"):
         out.append(f"extract.{f}.options.device={args.device}")
+    for f in ("video2d", "video3d"):
+        out.append(f"extract.{f}.options.amp={args.precision}")
     if args.workers is not None:
         out.append(f"extract.workers.num_workers={args.workers}")
     return out
@@ -230,11 +243,14 @@ def part_stage(args: argparse.Namespace, videos: Path) -> dict:
         scan_s = time.perf_counter() - t0
         if res.n_ok != 1:
             raise RuntimeError(f"scan found {res.n_ok} usable videos, expected 1: {res.failures}")
+        cpus: list[float] = []
         with ChildSampler() as children:
             for _ in range(args.repeats):
+                c0 = _cpu_s()
                 t0 = time.perf_counter()
                 summary = run_extract(ws, cfg, force=True, progress=False)
                 walls.append(time.perf_counter() - t0)
+                cpus.append(_cpu_s() - c0)
                 loads.append(load1())
         shapes, random, rates = {}, {}, {}
         for f in cfg.extract.fields:
@@ -244,13 +260,20 @@ def part_stage(args: argparse.Namespace, videos: Path) -> dict:
             extractor = (read_record(ws.shard_record(f, index)) or {}).get("extractor") or {}
             random[f] = extractor.get("random_weights")
             rates[f] = extractor.get("rate")
-    return {"walls": walls, "loads": loads, "scan_s": scan_s, "shapes": shapes, "random_weights": random,
+    return {"walls": walls, "cpus": cpus, "loads": loads, "scan_s": scan_s, "shapes": shapes, "random_weights": random,
             "rates": rates,
             "written": summary.processed, "rss_self_mib": peak_rss_mib(),
             "rss_children_ru_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "rss_child_largest_mib": children.largest_mib, "rss_total_sampled_mib": children.total_mib,
             "n_children": children.n_children, "workers": cfg.extract.workers.num_workers,
             "torch_threads": _torch_threads()}
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its reaped children (decode workers, ffmpeg):
+    the work done, which a busy shared machine inflates far less than the wall time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _torch_threads() -> int:
@@ -271,7 +294,7 @@ def part_models(args: argparse.Namespace, videos: Path) -> dict:
     import torch
 
     from extractors import create
-    from extractors.decode import iter_visual, decode_audio
+    from extractors.decode import decode_audio, iter_visual
     from extractors.resnext3d import windows_from_frames
     from pipeline.captions import read_sidecar
     from pipeline.config import load_config
@@ -302,7 +325,7 @@ def part_models(args: argparse.Namespace, videos: Path) -> dict:
 
     # the stage's own extractor options (allow_random_weights, device, ...)
     stage = ExtractStage(Workspace(videos), cfg.extract, videos)  # only its options(): no I/O
-    builds, times, loads = {}, {}, {}
+    builds, times, cpu, loads = {}, {}, {}, {}
     for field, x, warm in (("video2d", frames_2d, frames_2d[:1]), ("video3d", windows, windows[:1]),
                            ("audio", wave, wave[:16000]), ("text", captions, captions[:1])):
         spec = getattr(cfg.extract, field)
@@ -311,15 +334,17 @@ def part_models(args: argparse.Namespace, videos: Path) -> dict:
         builds[field] = time.perf_counter() - t0
         ex(warm)
         _sync(args.device)
-        best = float("inf")
+        best, best_cpu = float("inf"), float("inf")
         for _ in range(args.repeats):
+            c0 = time.process_time()
             t0 = time.perf_counter()
             ex(x)
             _sync(args.device)
             best = min(best, time.perf_counter() - t0)
-        times[field], loads[field] = best, load1()
+            best_cpu = min(best_cpu, time.process_time() - c0)
+        times[field], cpu[field], loads[field] = best, best_cpu, load1()
         del ex
-    out.update(builds=builds, times=times, loads=loads, rss_self_mib=peak_rss_mib(),
+    out.update(builds=builds, times=times, cpu=cpu, loads=loads, rss_self_mib=peak_rss_mib(),
                torch_threads=torch.get_num_threads())
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name()
@@ -346,26 +371,29 @@ PARTS = {"stage": part_stage, "models": part_models, "decode": part_decode}
 # driver
 
 
-def run_part(name: str, args: argparse.Namespace, videos: Path) -> dict | None:
+def run_part(name: str, args: argparse.Namespace, videos: Path, precision: str = "fp32") -> dict | None:
     cmd = [sys.executable, __file__, "--_part", name, "--_videos", str(videos), "--device", args.device,
            "--backend", args.backend, "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--decode-threads", str(args.decode_threads)]
+           "--decode-threads", str(args.decode_threads), "--precision", precision]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
-        print(f"{name}: FAILED (exit {res.returncode})\n{res.stderr[-3000:]}")
+        print(f"{name}: FAILED (exit {res.returncode})\n{res.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=60.0, help="length of the generated video (default 60)")
-    ap.add_argument("--size", default="640x360", help="WxH of the generated video (default 640x360)")
+    ap = parser(__doc__)
+    ap.add_argument("--seconds", type=float, default=60.0, help="length of the generated video (default 60; "
+                    "--quick: 4)")
+    ap.add_argument("--size", default="640x360", help="WxH of the generated video (default 640x360; --quick: "
+                    "320x180)")
     ap.add_argument("--fps", type=int, default=30, help="frame rate of the generated video (default 30)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the 2D, 3D and text models "
-                    "(default cpu)")
+    ap.add_argument("--precision", default=None, choices=("fp32", "bf16", "both"),
+                    help="the 2D and 3D models' amp: fp32, bf16 autocast, or both side by side (default both; "
+                    "--quick: bf16, to stay within a minute)")
     ap.add_argument("--backend", default="decord", choices=("decord", "pyav"),
                     help="visual decode backend of the stage and of the models' pre-decode (default decord)")
     ap.add_argument("--workers", type=int, default=None,
@@ -377,8 +405,8 @@ def main() -> None:
                     "(the stage uses extract.decode.threads = 1)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each part; the best is printed "
                     "(default 1)")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
-                    help="which parts to run (default all)")
+    ap.add_argument("--parts", nargs="+", default=None, choices=list(PARTS),
+                    help="which parts to run (default all; --quick: stage and models)")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mcn-bench-cache",
                     help="where the generated video is kept between runs (default $TMPDIR/mcn-bench-cache)")
     ap.add_argument("--_part", choices=list(PARTS), help=argparse.SUPPRESS)
@@ -392,69 +420,100 @@ def main() -> None:
         print(json.dumps(PARTS[args._part](args, args._videos)))
         return
 
+    use_json(args.json)
+    if args.quick:
+        args.seconds, args.size = min(args.seconds, 4.0), "320x180"
+    parts = args.parts or (["stage", "models"] if args.quick else list(PARTS))
+    args.precision = args.precision or ("bf16" if args.quick else "both")
+    precisions = PRECISIONS if args.precision == "both" else (args.precision,)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+
     w, h = (int(v) for v in args.size.split("x"))
     videos = make_inputs(args.cache_dir, args.seconds, w, h, args.fps)
     from extractors.decode import probe_video
 
     probe = probe_video(videos / "bench.mp4")
     dur = probe.duration or args.seconds
-    print(f"machine: {machine()}")
-    print(f"video: {probe.width}x{probe.height} {probe.codec} {probe.avg_fps or 0:.2f} fps {dur:.1f} s + AAC "
-          f"+ .srt ({videos}); device {args.device}, backend {args.backend}, repeats {args.repeats}")
+    say(f"machine: {machine()}")
+    say(f"video: {probe.width}x{probe.height} {probe.codec} {probe.avg_fps or 0:.2f} fps {dur:.1f} s + AAC "
+        f"+ .srt ({videos}); device {args.device}, backend {args.backend}, repeats {args.repeats}, "
+        f"precision {' + '.join(precisions)}")
+    cond = {"device": args.device, "video": f"{probe.width}x{probe.height} {dur:.0f}s", "backend": args.backend}
 
-    results: dict[str, dict | None] = {}
-    for name in args.parts:
-        print(f"-- {name} (load {load1():.2f}) ...", flush=True)
-        results[name] = run_part(name, args, videos)
+    # fp32 and bf16 alternate part by part, so that a change of the machine's load hits both alike
+    results: dict[tuple[str, str], dict | None] = {}
+    for name in parts:
+        for precision in (precisions if name != "decode" else ("fp32",)):
+            say(f"-- {name} {precision if name != 'decode' else ''} (load {load1():.2f}) ...")
+            results[name, precision] = run_part(name, args, videos, precision)
 
-    st, mo, de = results.get("stage"), results.get("models"), results.get("decode")
-    print()
-    print(f"{'row':<44} {'wall s':>8} {'video s / s':>12} {'load':>6}")
-    stage_wall = None
-    if st:
-        i = min(range(len(st["walls"])), key=st["walls"].__getitem__)
-        stage_wall = st["walls"][i]
-        print(f"{'whole extract stage (4 fields, incl. build)':<44} {stage_wall:>8.1f} "
-              f"{dur / stage_wall:>12.2f} {st['loads'][i]:>6.2f}")
-    if mo:
-        t = mo["times"]
-        for field, label in (("video2d", "ResNet-152 2D alone"), ("video3d", "ResNeXt-101 3D alone"),
-                             ("audio", "log-mel alone"), ("text", "MiniLM text alone")):
-            print(f"{label:<44} {t[field]:>8.2f} {dur / t[field]:>12.2f} {mo['loads'][field]:>6.2f}")
-        bound = t["video2d"] + t["video3d"] + t["audio"]
-        print(f"{'models alone: 2D + 3D + log-mel (bound)':<44} {bound:>8.1f} {dur / bound:>12.2f} "
-              f"{mo['loads']['audio']:>6.2f}")
-        build = sum(mo["builds"].values())
-        print(f"{'model build (all 4 extractors)':<44} {build:>8.1f} {'':>12} {mo['loads']['text']:>6.2f}")
-        if stage_wall:
-            print(f"ratio stage / models alone: {stage_wall / bound:.2f}  "
-                  f"(stage minus model build: {(stage_wall - build) / bound:.2f})")
+    stage_wall: dict[str, float] = {}
+    bound: dict[str, float] = {}
+    stage_cpu: dict[str, float] = {}
+    bound_cpu: dict[str, float] = {}
+    for precision in precisions:
+        st, mo = results.get(("stage", precision)), results.get(("models", precision))
+        c = {**cond, "precision": precision}
+        if st:
+            i = min(range(len(st["walls"])), key=st["walls"].__getitem__)
+            stage_wall[precision] = st["walls"][i]
+            emit(BENCH, "stage_wall_s", stage_wall[precision], "s", **c, workers=st["workers"],
+                 threads=st["torch_threads"], load=round(st["loads"][i], 2))
+            emit(BENCH, "stage_realtime", dur / stage_wall[precision], "video s/s", **c,
+                 workers=st["workers"], load=round(st["loads"][i], 2))
+            if "cpus" in st:
+                stage_cpu[precision] = st["cpus"][i]
+                emit(BENCH, "stage_cpu_s", stage_cpu[precision], "CPU s", **c, what="stage process + children")
+            emit(BENCH, "stage_peak_rss_mib", st["rss_self_mib"], "MiB", **c)
+            emit(BENCH, "stage_tree_rss_mib", st["rss_total_sampled_mib"], "MiB", **c)
+        if mo:
+            t = mo["times"]
+            for field in ("video2d", "video3d", "audio", "text"):
+                emit(BENCH, f"model_{field}_s", t[field], "s", **c, load=round(mo["loads"][field], 2))
+            bound[precision] = t["video2d"] + t["video3d"] + t["audio"]
+            emit(BENCH, "models_bound_s", bound[precision], "s", **c, what="2D + 3D + log-mel on pre-decoded input")
+            emit(BENCH, "models_realtime", dur / bound[precision], "video s/s", **c)
+            if "cpu" in mo:
+                bound_cpu[precision] = mo["cpu"]["video2d"] + mo["cpu"]["video3d"] + mo["cpu"]["audio"]
+                emit(BENCH, "models_bound_cpu_s", bound_cpu[precision], "CPU s", **c)
+            emit(BENCH, "models_build_s", sum(mo["builds"].values()), "s", **c)
+            if "peak_cuda_mib" in mo:
+                emit(BENCH, "models_peak_cuda_mib", mo["peak_cuda_mib"], "MiB", **c, gpu=mo["gpu"])
+        if precision in stage_wall and precision in bound:
+            build = sum(mo["builds"].values())
+            emit(BENCH, "stage_over_models", stage_wall[precision] / bound[precision], "ratio", **c,
+                 target="<= 1.10")
+            emit(BENCH, "stage_minus_build_over_models", (stage_wall[precision] - build) / bound[precision],
+                 "ratio", **c)
+            if precision in stage_cpu and precision in bound_cpu:
+                emit(BENCH, "stage_over_models_cpu", stage_cpu[precision] / bound_cpu[precision], "ratio", **c,
+                     what="CPU seconds: the stage's work beyond the models")
+    if len(precisions) == 2:
+        if len(stage_wall) == 2:
+            emit(BENCH, "stage_speedup_bf16", stage_wall["fp32"] / stage_wall["bf16"], "x", **cond,
+                 target=">= 2.0")
+        if len(stage_cpu) == 2:
+            emit(BENCH, "stage_speedup_bf16_cpu", stage_cpu["fp32"] / stage_cpu["bf16"], "x", **cond,
+                 what="ratio of CPU seconds")
+        if len(bound_cpu) == 2:
+            emit(BENCH, "models_speedup_bf16_cpu", bound_cpu["fp32"] / bound_cpu["bf16"], "x", **cond,
+                 what="ratio of CPU seconds")
+        if len(bound) == 2:
+            emit(BENCH, "models_speedup_bf16", bound["fp32"] / bound["bf16"], "x", **cond)
+            for field in ("video2d", "video3d"):
+                emit(BENCH, f"model_{field}_speedup_bf16", results["models", "fp32"]["times"][field]
+                     / results["models", "bf16"]["times"][field], "x", **cond)
+    de = results.get(("decode", "fp32"))
     if de:
         for backend, r in de["rows"].items():
-            print(f"{'iter_visual decode ' + backend:<44} {r['wall']:>8.2f} {dur / r['wall']:>12.1f} "
-                  f"{r['load']:>6.2f}")
-    print()
+            emit(BENCH, f"decode_{backend}_realtime", dur / r["wall"], "video s/s", **cond,
+                 frames=f"{r['n2']} 2D + {r['n3']} 3D", load=round(r["load"], 2))
+    st = next((results.get(("stage", p)) for p in precisions if results.get(("stage", p))), None)
     if st:
-        print(f"stage: peak RSS {st['rss_self_mib']:.0f} MiB stage process (VmHWM); largest child "
-              f"{st['rss_child_largest_mib']:.0f} MiB (VmHWM of {st['n_children']} sampled decode workers / "
-              f"ffmpeg); process tree {st['rss_total_sampled_mib']:.0f} MiB (sampled sum of RSS); "
-              f"RUSAGE_CHILDREN ru_maxrss {st['rss_children_ru_mib']:.0f} MiB (inflated: counts the parent "
-              f"at exec)")
-        print(f"stage: workers {st['workers']}, torch threads {st['torch_threads']}; "
-              f"scan {st['scan_s']:.1f} s (not in the stage wall)")
-        print(f"stage outputs: {st['shapes']}; random weights: {st['random_weights']}; "
-              f"rates (rows/s, from the done records): {st['rates']}")
-    if mo:
-        builds = {k: round(v, 1) for k, v in mo["builds"].items()}
-        print(f"models part: inputs {mo['inputs']}, pre-decode {mo['predecode_s']:.1f} s, builds {builds}, "
-              f"peak RSS {mo['rss_self_mib']:.0f} MiB, torch threads {mo['torch_threads']}"
-              + (f", {mo['gpu']}, peak CUDA {mo['peak_cuda_mib']:.0f} MiB" if "gpu" in mo else ""))
-    if de:
-        r = de["rows"]["decord"]
-        print(f"decode part: {r['n2']} 2D + {r['n3']} 3D frames per pass, decoder threads "
-              f"{args.decode_threads}, peak RSS {de['rss_self_mib']:.0f} MiB")
+        say(f"stage outputs: {st['shapes']}; random weights: {st['random_weights']}; "
+            f"rates (rows/s, from the done records): {st['rates']}; scan {st['scan_s']:.1f} s (not in the wall)")
     la = os.getloadavg()
-    print(f"load average at the end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    say(f"load average at the end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
 
 
 if __name__ == "__main__":

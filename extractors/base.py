@@ -9,7 +9,6 @@ An extractor is a class with a name, a field (``video2d``, ``video3d``, ``audio`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
@@ -22,13 +21,14 @@ import torch
 from store.fields import FIELDS
 from store.lineage import RUNTIME
 
+from .precision import Amp, resolve_precision
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FeatureExtractor",
     "VisualConfig",
     "as_uint8_tensor",
-    "autocast_context",
     "available",
     "create",
     "get_extractor",
@@ -167,7 +167,9 @@ class VisualConfig:
     seed: seed of the random init.
     device: ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``...
     batch_size: images or windows per forward pass.
-    amp: on CUDA, run under bf16 autocast (ignored on CPU, which always computes in float32).
+    amp: ``auto`` (bf16 autocast on CUDA and on a CPU with native bf16, else float32), ``bf16`` or
+        ``fp32``; old ``true``/``false`` mean ``auto``/``fp32`` (see extractors.precision). Runtime-only:
+        the precision it resolves to on the device is part of ``describe()``, hence of fingerprints.
     """
 
     weights: str | None = None
@@ -175,7 +177,7 @@ class VisualConfig:
     seed: int = 0
     device: str = dataclasses.field(default="auto", metadata=RUNTIME)
     batch_size: int = dataclasses.field(default=64, metadata=RUNTIME)
-    amp: bool = dataclasses.field(default=True, metadata=RUNTIME)
+    amp: Amp = dataclasses.field(default="auto", metadata=RUNTIME)
 
 
 class VisualExtractor(FeatureExtractor):
@@ -188,6 +190,8 @@ class VisualExtractor(FeatureExtractor):
     WEIGHTS_FILENAME: ClassVar[str]
     WEIGHTS_WHAT: ClassVar[str]
     WEIGHTS_HINT: ClassVar[str]
+    #: ``bf16`` or ``fp32``: what ``config.amp`` resolved to on the device (set by the subclass)
+    precision: str = "fp32"
 
     @classmethod
     def resolve(cls, config: VisualConfig) -> Any:
@@ -201,14 +205,13 @@ class VisualExtractor(FeatureExtractor):
     def describe_config(cls, config: VisualConfig) -> dict[str, Any]:
         ref = cls.resolve(config)
         return {"extractor": cls.name, "version": cls.version, "weights": ref.identity,
-                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim}
+                "random_weights": ref.random, "rate": cls.rate, "dim": cls.dim,
+                "precision": resolve_precision(config.amp, resolve_device(config.device))}
 
-
-def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when ``amp``; a no-op context otherwise (CPU computes in float32)."""
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    def describe(self) -> dict[str, Any]:
+        """``FeatureExtractor.describe()`` plus ``precision``: ``bf16`` or ``fp32``, as resolved on the
+        device (it changes the features' bytes, so it is part of the fingerprint and the records)."""
+        return {**super().describe(), "precision": self.precision}
 
 
 def as_uint8_tensor(x: Any, ndim: int, what: str) -> torch.Tensor:

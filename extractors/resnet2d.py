@@ -16,11 +16,11 @@ from torch import nn
 from .base import (
     VisualConfig,
     as_uint8_tensor,
-    autocast_context,
     register,
     resolve_device,
     VisualExtractor,
 )
+from .precision import autocast, resolve_precision
 from .weights import load_state_dict_file, seeded
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,9 @@ class ResNet152Extractor(VisualExtractor):
             model.load_state_dict(state, strict=True)
             logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
         model.eval().requires_grad_(False)
-        if self.device.type == "cuda":
-            model = model.to(self.device, memory_format=torch.channels_last)
-        self.model = model
+        self.precision = resolve_precision(config.amp, self.device)
+        # channels-last on every device: faster on CUDA and, in both precisions, on CPU (oneDNN)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
@@ -96,19 +96,20 @@ class ResNet152Extractor(VisualExtractor):
         """uint8 (B, H, W, 3) → float32 (B, 3, H, W) on the device, ImageNet-normalised."""
         x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self._mean) / self._std
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, frames: Any) -> torch.Tensor:
-        """frames: uint8 (N, H, W, 3) torch tensor or numpy array → float32 (N, 2048) on the CPU."""
+        """frames: uint8 (N, H, W, 3) torch tensor or numpy array → float32 (N, 2048) on the CPU.
+
+        Computed in ``self.precision`` (bf16 autocast or float32); the rows are L2-normalised in float32.
+        """
         frames = as_uint8_tensor(frames, 4, self.name)
         out = torch.empty(frames.shape[0], self.dim, dtype=torch.float32)
         bs = self.config.batch_size
         for i in range(0, frames.shape[0], bs):
             x = self.preprocess(frames[i : i + bs])
-            with autocast_context(self.device, self.config.amp):
+            with autocast(self.device, self.precision):
                 y = self.model(x)
             out[i : i + bs] = F.normalize(y.float(), dim=1).cpu()
         return out

@@ -179,6 +179,18 @@ class WorkerPool(Generic[T]):
     def __enter__(self) -> WorkerPool[T]:
         return self
 
+    def start(self, n_tasks: int | None = None) -> WorkerPool[T]:
+        """Start the workers now, idle, instead of at the first task (only as many as ``n_tasks`` can
+        use): a spawned worker first imports ``fn``'s module (torch: seconds), which the caller can
+        overlap with its own set-up."""
+        if self._closed:
+            raise RuntimeError("WorkerPool is closed")
+        n = len(self._workers) if n_tasks is None else min(len(self._workers), n_tasks)
+        for slot in range(n):
+            if self._workers[slot] is None:
+                self._workers[slot] = self._start()
+        return self
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

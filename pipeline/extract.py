@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from extractors import FeatureExtractor, create, get_extractor
-from extractors.decode import DecodeConfig, DecodeError, DecodeTimeout, NoAudioError, decode_audio, visual_task
+from extractors.decode import (
+    DecodeConfig,
+    DecodeError,
+    DecodeTimeout,
+    NoAudioError,
+    audio_identity,
+    decode_audio,
+    visual_task,
+)
 from extractors.resnext3d import windows_from_frames
 from extractors.workers import WorkerConfig, WorkerPool
 from pipeline.configtools import from_dict, to_dict
@@ -222,7 +230,7 @@ class ExtractStage:
         if f in VISUAL_FIELDS:
             decode.pop("audio_rate", None)
         elif f == "audio":
-            decode = {"audio_rate": decode["audio_rate"]}
+            decode = audio_identity(self.cfg.decode)  # the rate, and the tool when it is PyAV
         else:
             decode = {}
         return {"field": f, "extractor": desc, "options": options, "decode": decode}
@@ -278,15 +286,16 @@ class ExtractStage:
         (``todo``: field → its videos)."""
         window = 16
         wants = {f: {r.id for r in rs} for f, rs in todo.items()}
-        batchers: dict[str, _Batcher] = {}
-        for f in todo:
-            ex = self.extractor(f)
-            batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
         carry: dict[int, np.ndarray] = {}
         errors: dict[int, FieldResult] = {}
         warnings: dict[int, list[str]] = {}
         tasks = [(str(self.videos_root / r.path), self.cfg.decode) for r in records]
         with WorkerPool(visual_task, self.cfg.workers) as pool:
+            pool.start(len(tasks))  # the workers start (import torch) while the models are built
+            batchers: dict[str, _Batcher] = {}
+            for f in todo:
+                ex = self.extractor(f)
+                batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
             for ev in pool.run(tasks):
                 i = ev.task_index
                 vid = records[i].id
@@ -304,6 +313,10 @@ class ExtractStage:
                         if n_full < len(frames):
                             carry[i] = frames[n_full:]
                         batchers["video3d"].add(i, windows_from_frames(frames[:n_full], window))
+                elif ev.kind == "done" and i in carry:  # the video's last incomplete 3D window
+                    tail = carry.pop(i)
+                    if getattr(self.extractor("video3d").config, "pad_tail", False):
+                        batchers["video3d"].add(i, windows_from_frames(tail, window, pad_tail=True))
                 elif ev.kind == "error":
                     errors[i] = FieldResult("failed", f"decode: {ev.payload}", transient=ev.transient)
                     carry.pop(i, None)
@@ -390,7 +403,8 @@ class ExtractStage:
         without a result keep their sample of the existing shard, copied byte for byte."""
         desc = self.describe(f)
         existing = iter_raw(self.ws.shard_tar(f, job.index)) if keep_others else None
-        writer = ShardWriter(self.ws, f, job.index, self.lineage(f, job), desc, claim=claim)
+        writer = ShardWriter(self.ws, f, job.index, self.lineage(f, job), desc, claim=claim,
+                             decoder=self.cfg.decode.backend)
         try:  # (the old tar is read while the new one is written; the commit renames over it)
             for r in job.records:
                 old = next(existing) if existing is not None else None

@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 def train_lineage(cfg: Config, features: FeatureSet) -> Lineage:
     """A run's lineage: its result-determining config, the training code's version and the
-    fingerprints of the four fields' feature shards it reads."""
-    from model.train import CODE_VERSION
+    fingerprints of the four fields' feature shards it reads. The config includes the precision the
+    run computes in on this device (``amp`` itself is runtime-only)."""
+    from model.train import CODE_VERSION, train_precision
 
-    return Lineage(config=fingerprint(config_dict(cfg.train)), code=CODE_VERSION,
+    config = {**config_dict(cfg.train), "precision": train_precision(cfg.train)}
+    return Lineage(config=fingerprint(config), code=CODE_VERSION,
                    inputs={f"features/{f}": features.fingerprints[f] for f in features.fields})
 
 
@@ -208,12 +210,12 @@ def run_train(ws: Workspace, cfg: Config, *, resume: str | None = None, init_fro
             if not config_path.exists():  # the resolved config of a run is written once, at its creation
                 write_resolved(config_path, cfg.train, world_size=world, run=ts.run_dir.name)
             _write_run_record(ws, ts, step=_ckpt_step(ts.run_dir), complete=False, continued=continued,
-                              earlier=own)
+                              earlier=own, decoder=cfg.extract.decode.backend)
         result = train(cfg.train, ts.features, ts.run_dir, resume=resume or "latest", init_from=init_from,
                        allow_new_data=allow_new_data)
         if rank == 0:
             _write_run_record(ws, ts, step=result.step, complete=result.step >= result.limit, result=result,
-                              world=world, continued=continued, earlier=own)
+                              world=world, continued=continued, earlier=own, decoder=cfg.extract.decode.backend)
         return result
     finally:
         if claim is not None:
@@ -242,7 +244,7 @@ def _ckpt_step(run_dir: Path) -> int:
 
 def _write_run_record(ws: Workspace, ts: TrainState, *, step: int, complete: bool, result: Any = None,
                       world: int = 1, continued: dict[str, Any] | None = None,
-                      earlier: dict[str, Any] | None = None) -> None:
+                      earlier: dict[str, Any] | None = None, decoder: str | None = None) -> None:
     """The run's record.json. ``continued``: the run and checkpoint it was continued from, when it was
     started from another run's checkpoint; ``data_change``: when (step, epoch) and why its data
     changed under ``allow_new_data``. Both are kept from the ``earlier`` record of the same run."""
@@ -267,7 +269,7 @@ def _write_run_record(ws: Workspace, ts: TrainState, *, step: int, complete: boo
         if change:
             payload["data_change"] = {"step": change.get("step"), "epoch": change.get("epoch"),
                                       "reason": change.get("reason")}
-    write_record(ws.run_record(ts.run_dir), ws.run_unit(ts.run_dir), ts.lineage, **payload)
+    write_record(ws.run_record(ts.run_dir), ws.run_unit(ts.run_dir), ts.lineage, decoder=decoder, **payload)
 
 
 def current_checkpoint(ws: Workspace, cfg: Config, checkpoint: str | None = None) -> Path:

@@ -15,7 +15,7 @@ ALLOWED = {
     "store": set(),
     "extractors": {"store"},
     "synthetic": {"store"},
-    "model": {"store"},
+    "model": {"store", "extractors"},  # extractors.precision: one owner of the amp / precision rule
     "evaluation": {"store", "model", "extractors"},
     "pipeline": {"store", "model", "extractors", "evaluation", "synthetic"},
 }

@@ -27,6 +27,7 @@ from extractors import (
     resolve_weights,
     windows_from_frames,
 )
+from extractors.precision import cpu_has_bf16
 from extractors.weights import checkpoint_dir, seeded
 from store.lineage import sha256_file
 
@@ -174,7 +175,8 @@ def test_load_state_dict_file_unwraps_and_strips(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def r2d() -> extractors.ResNet152Extractor:
-    return create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "batch_size": 2, "device": "cpu"})
+    return create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "batch_size": 2, "device": "cpu",
+                                   "amp": "fp32"})
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_resnet152_trunk_matches_torchvision(r2d, frames2d) -> None:
 
 
 def test_resnet152_random_init_is_deterministic(r2d, frames2d) -> None:
-    again = create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "device": "cpu"})
+    again = create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "device": "cpu", "amp": "fp32"})
     assert torch.equal(again(frames2d[:2]), r2d(frames2d[:2]))
 
 
@@ -228,7 +230,7 @@ def test_resnet152_loads_torchvision_checkpoint(r2d, frames2d) -> None:
     path = checkpoint_dir() / "resnet152-394f9c45.pth"
     path.parent.mkdir(parents=True)
     torch.save(state, path)
-    ext = create("resnet152_2d", {"device": "cpu"})
+    ext = create("resnet152_2d", {"device": "cpu", "amp": False})  # an old config's amp: false
     assert not ext.random_weights and ext.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
     got = ext.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
@@ -239,6 +241,7 @@ def test_resnet152_loads_torchvision_checkpoint(r2d, frames2d) -> None:
         "random_weights": False,
         "rate": 1.0,
         "dim": 2048,
+        "precision": "fp32",
     }
 
 
@@ -263,7 +266,8 @@ def _hara_param_count() -> int:
 
 @pytest.fixture(scope="module")
 def r3d() -> extractors.ResNeXt101Extractor:
-    return create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "batch_size": 1, "device": "cpu"})
+    return create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "batch_size": 1, "device": "cpu",
+                                    "amp": "fp32"})
 
 
 def test_resnext101_matches_hara_keys_and_param_count(r3d) -> None:
@@ -331,3 +335,50 @@ def test_windows_from_frames() -> None:
     assert windows_from_frames(frames[:32]).shape == (2, 16, 112, 112, 3)
     wn = windows_from_frames(np.zeros((33, 112, 112, 3), np.uint8))
     assert isinstance(wn, np.ndarray) and wn.shape == (2, 16, 112, 112, 3)
+
+
+# --------------------------------------------------------------------------------------------- bf16
+
+# bf16 autocast vs float32 on real decoded footage (the testsrc2 clip), per-row cosine. The weights
+# are random (no checkpoint here) with BatchNorm statistics re-estimated on the inputs, as trained
+# weights would have them: with the init's statistics every row points the same way and any
+# precision would pass. benchmarks/precision.py measures the same on longer footage.
+BF16_MIN_COSINE = {"resnet152_2d": 0.90, "resnext101_3d": 0.90}  # measured: 0.95, see BENCHMARKS.md
+
+
+def _calibrate_bn(ex, x: torch.Tensor) -> None:
+    """Running mean/variance of every BatchNorm of ``ex.model`` re-estimated on ``x`` (one pass)."""
+    for m in ex.model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    ex.model.train()
+    with torch.no_grad():
+        xb = ex.preprocess(x)
+        ex.model.forward_features(xb) if hasattr(ex.model, "forward_features") else ex.model(xb)
+    ex.model.eval()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX-512 bf16 / AMX)")
+@pytest.mark.parametrize("name", ["resnet152_2d", "resnext101_3d"])
+def test_bf16_rows_within_tolerance_of_fp32_on_real_footage(name: str, cfr_mp4: Path) -> None:
+    from extractors.decode import DecodeConfig, iter_visual
+
+    chunks = list(iter_visual(cfr_mp4, DecodeConfig(size_2d=112)))
+    if name == "resnet152_2d":
+        x = torch.from_numpy(np.concatenate([c.frames_2d for c in chunks])[:3])  # 3 frames, 112 × 149
+    else:
+        x = torch.from_numpy(windows_from_frames(np.concatenate([c.frames_3d for c in chunks]))[:2])  # 2 windows
+    opts = {"allow_random_weights": True, "seed": 0, "device": "cpu", "batch_size": 4}
+    fp32, bf16 = create(name, {**opts, "amp": "fp32"}), create(name, {**opts, "amp": "bf16"})
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert (fp32.describe()["precision"], bf16.describe()["precision"]) == ("fp32", "bf16")
+    _calibrate_bn(fp32, x)
+    bf16.model.load_state_dict(fp32.model.state_dict())
+    a, b = fp32(x), bf16(x)
+    assert a.shape == b.shape == (len(x), 2048) and a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)  # bf16 really ran
+    cos = F.cosine_similarity(a.double(), b.double(), dim=1)
+    assert cos.min().item() >= BF16_MIN_COSINE[name], cos.tolist()
+    # the rows are not collapsed: bf16 keeps them apart as fp32 does
+    assert F.cosine_similarity(a[:1].double(), a[1:2].double()).item() < cos.min().item()

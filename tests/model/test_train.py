@@ -12,13 +12,23 @@ import pytest
 import torch
 
 import model.train as train_mod
+from extractors.precision import cpu_has_bf16
 from model.checkpoint import load_checkpoint, load_mcn
 from model.data import DataConfig
 from model.kmeans import KMeansConfig
 from model.losses import LossConfig
 from model.mcn import MCNConfig
-from model.train import LOSS_PARTS, TrainConfig, Trainer, TrainingDiverged, cosine_with_warmup, train
+from model.train import (
+    LOSS_PARTS,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    cosine_with_warmup,
+    train,
+    train_precision,
+)
 from store.layout import Workspace, find_checkpoints
+from store.lineage import runtime_fields
 from store.reader import FeatureSet, open_features
 
 from .conftest import D2, D3, DW, N_MELS
@@ -29,7 +39,7 @@ def tiny_config(**kw) -> TrainConfig:
                                               batches_per_epoch=4)
     cfg = TrainConfig(
         batch_size=4, epochs=4, lr=1e-3, warmup_steps=2, checkpoint_every=100, keep_last=3, log_every=1,
-        device="cpu", progress=False, tensorboard=False,
+        device="cpu", progress=False, tensorboard=False, amp="fp32",  # exact comparisons: float32
         model=MCNConfig(embed_dim=32, video_dim=D2 + D3, text_dim=DW, n_mels=N_MELS, davenet_dim=32,
                         davenet_widths=(8, 8, 16, 16, 32), recon_dim=16),
         loss=LossConfig(),
@@ -239,3 +249,38 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
         err = (ddp["g1"][name] - g).abs().max().item()
         assert err <= 1e-5 * g.abs().max().item() + 1e-7, (name, err, g.abs().max().item())
     torch.testing.assert_close(ddp["centroids"], single.kmeans.centroids, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def test_train_precision_resolves_amp_per_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().amp == "auto"
+    assert train_precision(TrainConfig(amp="auto"), cpu) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert train_precision(TrainConfig(amp=True), cpu) == train_precision(TrainConfig(amp="auto"), cpu)  # old configs
+    assert train_precision(TrainConfig(amp=False), cpu) == "fp32"
+    assert train_precision(TrainConfig(amp="fp32"), cuda) == "fp32"
+    assert train_precision(TrainConfig(amp="auto"), cuda) == "bf16"
+    assert train_precision(TrainConfig(amp="auto", amp_dtype="float16"), cuda) == "fp16"
+    assert train_precision(TrainConfig(amp="bf16", amp_dtype="float16"), cpu) == "bf16"  # no fp16 on CPU
+    with pytest.raises(ValueError):
+        train_precision(TrainConfig(amp="half"), cpu)
+    # amp is runtime-only: what it resolves to enters the run's lineage (pipeline.training.train_lineage)
+    assert "amp" in runtime_fields(TrainConfig)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX-512 bf16 / AMX)")
+def test_bf16_step_on_cpu_runs_under_autocast_and_stays_close_to_fp32() -> None:
+    batch = _synthetic_global_batch(0)
+    fp32 = Trainer(tiny_config(warmup_steps=0), total_steps=10, device=torch.device("cpu"))
+    bf16 = Trainer(tiny_config(warmup_steps=0, amp="bf16"), total_steps=10, device=torch.device("cpu"))
+    assert (fp32.precision, fp32.autocast, bf16.precision, bf16.autocast) == ("fp32", False, "bf16", True)
+    seen: list[torch.dtype] = []
+    hook = bf16.model.GU_video.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    a, b = fp32.train_step(batch), bf16.train_step(batch)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the heads really ran in bf16
+    for k in LOSS_PARTS:  # same weights (same seed), same batch: bf16 rounding only
+        assert b[k] == pytest.approx(a[k], rel=0.05, abs=1e-3), k
+    assert any(b[k] != a[k] for k in LOSS_PARTS)
