@@ -24,12 +24,25 @@ Backends (``DecodeConfig.backend``, registry ``VISUAL_BACKENDS``):
   handed to the PyAV backend when ``DecodeConfig.fallback_pyav`` is set.
 * ``"pyav"``: sequential ``container.decode(video=0)``; only frames that some target needs are
   converted (``frame.to_ndarray(width=, height=, format="rgb24")``).
+* ``"torchcodec"`` / ``"torchcodec-cuda"``: ``torchcodec.decoders.VideoDecoder.get_frames_at`` per
+  chunk over the same frame indices as decord would read, with the frame index taken from PyAV's
+  demuxer (no decoding) and handed to torchcodec as its frame mapping; decoded at the native size and
+  resized with torch (on the GPU, after NVDEC, for ``-cuda``). Files the CPU one cannot open go to
+  PyAV when ``fallback_pyav`` is set (never for ``-cuda``: a torchcodec built without CUDA must fail
+  loudly, not turn into PyAV output under the ``-cuda`` fingerprint).
 
-Audio: ``decode_audio`` streams an ``ffmpeg`` subprocess into a float32 file returned as ``np.memmap``.
+decord and torchcodec share the indexed sampling (``_plan_chunks``), PyAV streams (``_StreamSampler``);
+both apply the rule above, so all backends choose the same source frame for every target (the tests
+check this on constant- and variable-rate H.264). The backend is part of the extract fingerprint:
+the scalers differ by a few grey levels, so the bytes do.
+
+Audio: ``decode_audio`` streams an ``ffmpeg`` subprocess (or, without ffmpeg, a PyAV child process:
+``extractors.libav``; ``audio_tool``) into a float32 file returned as ``np.memmap``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -46,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extractors.libav import NO_AUDIO_EXIT, PYAV, child_command, resolve_tool
 from store.lineage import RUNTIME
 
 logger = logging.getLogger(__name__)
@@ -57,6 +71,8 @@ _REL_TOL = 1e-6
 _MIN_DURATION = 1e-3
 # Distinct decode-size frames handled per step (get_batch call, 3D resize): ~17 MB at 398×224.
 _BATCH = 64
+# The audio binaries (looked up on PATH at every call); without them PyAV decodes (``audio_tool``).
+FFMPEG, FFPROBE = "ffmpeg", "ffprobe"
 
 
 class DecodeError(Exception):
@@ -75,7 +91,9 @@ class NoAudioError(DecodeError):
 class DecodeConfig:
     """Decoding and sampling settings (rates in frames / s, sizes in pixels)."""
 
-    backend: str = field(default="decord", metadata=RUNTIME)  # "decord" | "pyav" (keys of VISUAL_BACKENDS)
+    # "decord" | "pyav" | "torchcodec" | "torchcodec-cuda" (keys of VISUAL_BACKENDS). Part of the
+    # fingerprint: the backends scale (and NVDEC converts colours) differently, so pixels differ.
+    backend: str = "decord"
     fps_2d: float = 1.0  # 2D sampling rate (frames / s)
     size_2d: int = 224  # shorter side of 2D frames (no crop, aspect kept, even sizes)
     fps_3d: float = 24.0  # 3D sampling rate
@@ -89,14 +107,21 @@ class DecodeConfig:
     # 114688x224), and frames are decoded at no more than max_decode_pixels (scaled down otherwise).
     max_aspect: float = 4.0
     max_decode_pixels: int = 4_000_000
-    fallback_pyav: bool = field(default=True, metadata=RUNTIME)  # decord: PyAV for files it cannot open
+    # decord, torchcodec: PyAV for files they cannot open
+    fallback_pyav: bool = field(default=True, metadata=RUNTIME)
     # ffprobe / ffmpeg audio subprocesses are killed after this long (s)
     audio_timeout_s: float = field(default=600.0, metadata=RUNTIME)
+    # "auto" | "ffmpeg" | "pyav": what decodes audio (auto: ffmpeg when on PATH, else PyAV; see
+    # extractors.libav.resolve_tool). The request is RUNTIME; the tool it resolves to enters the audio
+    # field's fingerprint through audio_identity (the resamplers may differ in the last bits).
+    audio_tool: str = field(default="auto", metadata=RUNTIME)
 
     def validate(self) -> None:
         """Raise ValueError on settings that cannot work."""
         if self.backend not in VISUAL_BACKENDS:
             raise ValueError(f"unknown decode backend {self.backend!r} (have {sorted(VISUAL_BACKENDS)})")
+        if self.backend == "torchcodec-cuda" and not torch.cuda.is_available():
+            raise ValueError("decode backend 'torchcodec-cuda' needs a CUDA device (none is available)")
         if self.fps_2d <= 0 or self.fps_3d <= 0 or self.chunk_seconds <= 0:
             raise ValueError("fps_2d, fps_3d and chunk_seconds must be > 0")
         if self.size_2d < 2 or self.size_2d % 2:
@@ -105,6 +130,7 @@ class DecodeConfig:
             raise ValueError(f"need 1 <= crop_3d <= size_3d, got crop {self.crop_3d}, size {self.size_3d}")
         if self.threads < 0 or self.audio_rate <= 0:
             raise ValueError("threads must be >= 0 and audio_rate > 0")
+        resolve_tool(self.audio_tool, FFMPEG)  # ValueError on an unknown tool
         if self.max_aspect < 1.0 or self.max_decode_pixels < 4 * self.size_2d:
             raise ValueError(f"need max_aspect >= 1 and max_decode_pixels >= 4 x size_2d, got {self.max_aspect}, "
                              f"{self.max_decode_pixels}")
@@ -180,16 +206,26 @@ def scaled_size(width: int, height: int, short: int, even: bool = True) -> tuple
     return short, (max(2, 2 * round(h / 2)) if even else max(1, round(h)))
 
 
-def _resize_batch(frames: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 (u, H, W, 3) -> uint8 (u, height, width, 3): bilinear with antialiasing.
+def _resize_tensor(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """uint8 tensor (u, H, W, 3) on any device -> uint8 (u, height, width, 3): bilinear with
+    antialiasing. On the CPU torch's uint8 channels-last kernel (no float copy of the batch, ~25× faster
+    than float32); elsewhere in float32, rounded."""
+    if tuple(frames.shape[1:3]) == (height, width):
+        return frames
+    x = frames.permute(0, 3, 1, 2)  # NCHW view, channels-last
+    if x.device.type != "cpu":
+        x = x.float()
+    y = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    if y.dtype != torch.uint8:
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous()
 
-    torch's uint8 channels-last kernel: no float copy of the batch, ~25× faster than float32.
-    """
+
+def _resize_batch(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (u, H, W, 3) -> uint8 (u, height, width, 3): bilinear with antialiasing (_resize_tensor)."""
     if frames.shape[1:3] == (height, width):
         return frames
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # NCHW view, channels-last
-    y = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return y.permute(0, 2, 3, 1).contiguous().numpy()
+    return _resize_tensor(torch.from_numpy(np.ascontiguousarray(frames)), width, height).numpy()
 
 
 def _resize_crop_3d(frames: np.ndarray, cfg: DecodeConfig) -> np.ndarray:
@@ -529,37 +565,30 @@ def _per_frame(idx: np.ndarray, unique: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(unique, idx), minlength=len(unique))
 
 
-def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
-    """decord backend: per chunk, ``get_batch`` (in batches) over the distinct frame indices its
-    targets need, in increasing order."""
-    probe = probe_video(path)
-    geometry = _geometry(probe, cfg)
-    dec_size = geometry.decode
-    if probe.rotation:  # decord 0.6 returns 4-channel frames and fails in get_batch on these
-        if cfg.fallback_pyav:
-            logger.info("%s: display rotation %d°: decoding with PyAV", path, probe.rotation)
-            yield from _iter_pyav(path, cfg, probe)
-            return
-        raise DecodeError(f"decord cannot decode rotated videos (display rotation {probe.rotation}°)")
-    try:
-        vr = _open_decord(path, dec_size, cfg.threads)
-        n = len(vr)
-        starts, stops = _decord_times(vr) if n > 0 else (np.empty(0), np.empty(0))
-    except Exception as exc:
-        reason = _one_line(exc)
-        if cfg.fallback_pyav:
-            logger.warning("%s: decord cannot open it (%s); decoding with PyAV instead", path, reason)
-            yield from _iter_pyav(path, cfg, probe)
-            return
-        raise DecodeError(f"decord cannot open video: {reason}") from exc
-    if n == 0:
-        raise DecodeError("no video frames in the container")
+@dataclass
+class _ChunkPlan:
+    """The targets of one chunk and the frames that serve them (an indexed backend's work list).
 
-    nominal = 1.0 / probe.avg_fps if probe.avg_fps else 0.0
-    duration = max(_frame_stop(starts, stops, n - 1, nominal), _MIN_DURATION)
+    k2, k3: target indices (t = k / fps); idx2, idx3: the frame index serving each target;
+    unique: the distinct frame indices needed, increasing; per2, per3: targets served by each of them.
+    """
+
+    k2: np.ndarray
+    k3: np.ndarray
+    idx2: np.ndarray
+    idx3: np.ndarray
+    unique: np.ndarray
+    per2: np.ndarray
+    per3: np.ndarray
+
+
+def _plan_chunks(starts: np.ndarray, duration: float, cfg: DecodeConfig) -> Iterator[_ChunkPlan]:
+    """The sampling rule for backends that read frames by index: ``starts`` (s, non-decreasing) are
+    the frames' presentation times from the stream start, ``duration`` the end of the last frame;
+    target t_k takes the last frame with start <= t_k (within the tolerance; the first frame if none)."""
+    n = len(starts)
     n2_total, n3_total = _n_before(duration, cfg.fps_2d), _n_before(duration, cfg.fps_3d)
     keys = starts - _REL_TOL * np.maximum(1.0, np.abs(starts))  # frame i serves targets t >= keys[i]
-    last_ok = -1  # highest frame index decoded so far
     for c in range(max(1, math.ceil(duration / cfg.chunk_seconds))):
         lo, hi = c * cfg.chunk_seconds, (c + 1) * cfg.chunk_seconds
         k2 = np.arange(_n_before(lo, cfg.fps_2d), min(_n_before(hi, cfg.fps_2d), n2_total))
@@ -569,17 +598,31 @@ def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
         idx2 = np.clip(np.searchsorted(keys, k2 / cfg.fps_2d, side="right") - 1, 0, n - 1)
         idx3 = np.clip(np.searchsorted(keys, k3 / cfg.fps_3d, side="right") - 1, 0, n - 1)
         unique = np.unique(np.concatenate([idx2, idx3]))
-        per2, per3 = _per_frame(idx2, unique), _per_frame(idx3, unique)
+        yield _ChunkPlan(k2, k3, idx2, idx3, unique, _per_frame(idx2, unique), _per_frame(idx3, unique))
+
+
+def _iter_indexed(path: Path, cfg: DecodeConfig, geometry: _Geometry, starts: np.ndarray, stops: np.ndarray,
+                  nominal: float, read: Callable[[np.ndarray], np.ndarray],
+                  read_prefix: Callable[[np.ndarray], np.ndarray]) -> Iterator[VisualChunk]:
+    """Chunks of an indexed backend: per chunk, ``read`` (in batches of _BATCH) the distinct frame
+    indices its targets need, in increasing order. ``read(indices)`` returns uint8 (b, H, W, 3) at the
+    decode size; when it raises, ``read_prefix(indices)`` returns the frames before the first one
+    that fails, and decoding stops there (the targets after the last good frame's end are dropped)."""
+    n = len(starts)
+    duration = max(_frame_stop(starts, stops, n - 1, nominal), _MIN_DURATION)
+    last_ok = -1  # highest frame index decoded so far
+    for plan in _plan_chunks(starts, duration, cfg):
+        k2, k3, idx2, idx3, unique = plan.k2, plan.k3, plan.idx2, plan.idx3, plan.unique
+        per2, per3 = plan.per2, plan.per3
         builder = _ChunkBuilder(cfg, geometry, int(k2[0]) if len(k2) else 0, int(k3[0]) if len(k3) else 0)
         for s in range(0, len(unique), _BATCH):
             sub = unique[s : s + _BATCH]
             try:
-                frames = _decord_batch(vr, sub)
+                frames = read(sub)
             except Exception as exc:
                 # stop at the first frame that fails; the reader's state is undefined after an error
                 error = _one_line(exc)
-                del vr
-                frames = _decord_prefix(path, dec_size, cfg.threads, sub)
+                frames = read_prefix(sub)
                 if len(frames):
                     last_ok = int(sub[len(frames) - 1])
                 if last_ok < 0:
@@ -605,8 +648,147 @@ def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
             yield chunk
 
 
+def _iter_decord(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
+    """decord backend: per chunk, ``get_batch`` (in batches) over the distinct frame indices its
+    targets need, in increasing order."""
+    probe = probe_video(path)
+    geometry = _geometry(probe, cfg)
+    dec_size = geometry.decode
+    if probe.rotation:  # decord 0.6 returns 4-channel frames and fails in get_batch on these
+        if cfg.fallback_pyav:
+            logger.info("%s: display rotation %d°: decoding with PyAV", path, probe.rotation)
+            yield from _iter_pyav(path, cfg, probe)
+            return
+        raise DecodeError(f"decord cannot decode rotated videos (display rotation {probe.rotation}°)")
+    try:
+        vr = _open_decord(path, dec_size, cfg.threads)
+        n = len(vr)
+        starts, stops = _decord_times(vr) if n > 0 else (np.empty(0), np.empty(0))
+    except Exception as exc:
+        reason = _one_line(exc)
+        if cfg.fallback_pyav:
+            logger.warning("%s: decord cannot open it (%s); decoding with PyAV instead", path, reason)
+            yield from _iter_pyav(path, cfg, probe)
+            return
+        raise DecodeError(f"decord cannot open video: {reason}") from exc
+    if n == 0:
+        raise DecodeError("no video frames in the container")
+    reader = [vr]
+    del vr
+
+    def read_prefix(indices: np.ndarray) -> np.ndarray:
+        reader.clear()  # release the failed reader before re-opening the file
+        return _decord_prefix(path, dec_size, cfg.threads, indices)
+
+    nominal = 1.0 / probe.avg_fps if probe.avg_fps else 0.0
+    yield from _iter_indexed(path, cfg, geometry, starts, stops, nominal,
+                             lambda idx: _decord_batch(reader[0], idx), read_prefix)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchcodec backend (indexed, batched per chunk; CPU or NVDEC)
+
+
+def _packet_index(path: Path) -> tuple[list[dict[str, int]], float, float]:
+    """The video stream's frame index from its packets (PyAV demux, nothing decoded): one entry per
+    packet ``{"pts", "duration", "key_frame"}`` in stream time-base units, sorted by pts (as
+    torchcodec's own exact-mode scan builds it: pts, else dts; discarded packets left out), the time
+    base (s) and the stream's start time (s; the smallest pts when the container has none).
+    A demuxing error ends the index at the last good packet (truncated files)."""
+    frames: list[dict[str, int]] = []
+    try:
+        container = av.open(str(path))
+    except Exception as exc:
+        raise DecodeError(f"cannot open video: {_one_line(exc)}") from exc
+    with container:
+        if not container.streams.video:
+            raise DecodeError("no video stream")
+        stream = container.streams.video[0]
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        start = stream.start_time
+        try:
+            for packet in container.demux(stream):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is None or packet.is_discard:  # the flush packet has neither
+                    continue
+                frames.append({"pts": int(ts), "duration": int(packet.duration or 0),
+                               "key_frame": int(packet.is_keyframe)})
+        except Exception as exc:  # noqa: BLE001 - truncated data: keep the packets read so far
+            logger.debug("%s: demuxing stopped after %d packets: %s", path, len(frames), _one_line(exc))
+    frames.sort(key=lambda f: f["pts"])
+    if start is None and frames:
+        start = frames[0]["pts"]
+    return frames, tb, float(start or 0) * tb
+
+
+def _torchcodec_device(cfg: DecodeConfig) -> str:
+    return "cuda" if cfg.backend == "torchcodec-cuda" else "cpu"
+
+
+def _iter_torchcodec(path: Path, cfg: DecodeConfig) -> Iterator[VisualChunk]:
+    """torchcodec backend: the same indexed sampling as decord (``_plan_chunks``), frames read with
+    ``VideoDecoder.get_frames_at`` over the frame index that PyAV's demuxer gives
+    (``custom_frame_mappings``: indices are ours by construction, no second scan).
+
+    ``"torchcodec"`` decodes on the CPU with FFmpeg, ``"torchcodec-cuda"`` with NVDEC on the current
+    CUDA device; frames come at the native displayed size (torchcodec applies the rotation) and are
+    resized to the decode size on that device (bilinear, antialiased) before they reach host memory.
+    """
+    from torchcodec.decoders import VideoDecoder
+
+    probe = probe_video(path)
+    geometry = _geometry(probe, cfg)
+    dec_w, dec_h = geometry.decode
+    index, tb, origin = _packet_index(path)
+    if not index:
+        raise DecodeError("no video frames in the container")
+    device = _torchcodec_device(cfg)
+    try:
+        # Frames come at the native (displayed) size: torchcodec's own Resize transform measured ~15×
+        # slower than decoding here (0.13, CPU), so the batch is resized with torch like the 3D crops.
+        decoder = VideoDecoder(str(path), dimension_order="NHWC", num_ffmpeg_threads=cfg.threads,
+                               device=device, custom_frame_mappings=json.dumps({"frames": index}))
+    except Exception as exc:
+        reason = _one_line(exc)
+        # not for -cuda: a torchcodec build without CUDA would silently turn every video into PyAV output
+        if cfg.fallback_pyav and device == "cpu":
+            logger.warning("%s: torchcodec cannot open it (%s); decoding with PyAV instead", path, reason)
+            yield from _iter_pyav(path, cfg, probe)
+            return
+        raise DecodeError(f"torchcodec cannot open video: {reason}") from exc
+
+    pts = np.array([f["pts"] for f in index], dtype=np.float64) * tb - origin
+    dur = np.array([f["duration"] for f in index], dtype=np.float64) * tb
+    starts = np.maximum.accumulate(pts)
+    stops = np.maximum(pts + dur, starts)
+    # native frames decoded per get_frames_at call: about 64 MB of RGB (a 4K video: 2 frames)
+    step = max(1, min(_BATCH, (64 << 20) // (3 * probe.width * probe.height)))
+
+    def read(indices: np.ndarray) -> np.ndarray:
+        parts = []
+        for i in range(0, len(indices), step):
+            frames = decoder.get_frames_at(indices[i : i + step].tolist()).data  # uint8 (b, H, W, 3)
+            parts.append(_resize_tensor(frames, dec_w, dec_h).cpu().numpy())
+        return np.concatenate(parts)
+
+    def read_prefix(indices: np.ndarray) -> np.ndarray:
+        out: list[np.ndarray] = []
+        try:
+            for j in range(len(indices)):
+                out.append(read(indices[j : j + 1])[0])
+        except Exception as exc:  # noqa: BLE001 - the first failing frame ends the prefix
+            logger.debug("%s: torchcodec per-frame retry stopped after %d frames: %s", path, len(out),
+                         _one_line(exc))
+        return np.stack(out) if out else np.empty((0, dec_h, dec_w, 3), dtype=np.uint8)
+
+    nominal = 1.0 / probe.avg_fps if probe.avg_fps else 0.0
+    yield from _iter_indexed(path, cfg, geometry, starts, stops, nominal, read, read_prefix)
+
+
 VisualBackend = Callable[[Path, DecodeConfig], Iterator[VisualChunk]]
-VISUAL_BACKENDS: dict[str, VisualBackend] = {"decord": _iter_decord, "pyav": _iter_pyav}
+VISUAL_BACKENDS: dict[str, VisualBackend] = {"decord": _iter_decord, "pyav": _iter_pyav,
+                                              "torchcodec": _iter_torchcodec,
+                                              "torchcodec-cuda": _iter_torchcodec}
 
 
 def iter_visual(path: str | os.PathLike[str], cfg: DecodeConfig) -> Iterator[VisualChunk]:
@@ -634,21 +816,36 @@ def _ffmpeg_reason(stderr: str, path: Path, code: int) -> str:
     return line or f"exit code {code}"
 
 
-def _run(cmd: list[str], what: str, timeout_s: float) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], what: str, timeout_s: float, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
     """Run a subprocess with a time limit: on expiry it is killed (not abandoned) and DecodeTimeout
     is raised."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout_s,
-                              errors="replace")
+                              errors="replace", env=env)
     except subprocess.TimeoutExpired:
         raise DecodeTimeout(f"{what} timed out after {timeout_s:g} s (killed)") from None
     except OSError as exc:
         raise DecodeError(f"cannot run {what}: {exc}") from exc
 
 
+def audio_tool(cfg: DecodeConfig) -> str:
+    """The tool that decodes audio under ``cfg``: ``"ffmpeg"`` or ``"pyav"`` (``cfg.audio_tool`` resolved)."""
+    return resolve_tool(cfg.audio_tool, FFMPEG)
+
+
+def audio_identity(cfg: DecodeConfig) -> dict[str, object]:
+    """What of the decoding determines the audio field's bytes: the rate, and the tool when it is PyAV
+    (ffmpeg, the historical default, adds no key: fingerprints of workspaces made with it stay)."""
+    out: dict[str, object] = {"audio_rate": cfg.audio_rate}
+    if audio_tool(cfg) == PYAV:
+        out["audio_tool"] = PYAV
+    return out
+
+
 def _audio_streams(path: Path, timeout_s: float) -> int:
     """Number of audio streams (ffprobe); DecodeError when ffprobe cannot read the file."""
-    cmd = ["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries", "stream=index",
+    cmd = [FFPROBE, "-v", "error", "-select_streams", "a", "-show_entries", "stream=index",
            "-of", "csv=p=0", str(path)]
     proc = _run(cmd, "ffprobe", timeout_s)
     if proc.returncode != 0:
@@ -659,36 +856,48 @@ def _audio_streams(path: Path, timeout_s: float) -> int:
 def decode_audio(path: str | os.PathLike[str], cfg: DecodeConfig, workdir: Path) -> np.ndarray:
     """Decode the first audio stream to mono float32 at ``cfg.audio_rate``: a read-only np.memmap (S,).
 
-    Any channel count and sample rate; ffmpeg downmixes and resamples, streaming into a file in
-    ``workdir`` (RAM stays bounded for hour-long videos). The caller owns that file (``arr.filename``)
-    and deletes it, e.g. with its per-video workdir. Raises NoAudioError when the file has no audio
-    stream or the stream decodes to zero samples (no empty arrays downstream), DecodeTimeout when
-    ffprobe or ffmpeg runs past ``cfg.audio_timeout_s`` (they are killed), DecodeError with ffmpeg's
-    last stderr line for every other failure.
+    Any channel count and sample rate; ffmpeg (or PyAV in a child process, see :func:`audio_tool`)
+    downmixes and resamples, streaming into a file in ``workdir`` (RAM stays bounded for hour-long
+    videos). The caller owns that file (``arr.filename``) and deletes it, e.g. with its per-video
+    workdir. Raises NoAudioError when the file has no audio stream or the stream decodes to zero
+    samples (no empty arrays downstream), DecodeTimeout when a subprocess (ffprobe, ffmpeg, the PyAV
+    child) runs past ``cfg.audio_timeout_s`` (it is killed), DecodeError with the tool's last stderr
+    line for every other failure.
     """
     path = Path(path)
-    if _audio_streams(path, cfg.audio_timeout_s) == 0:
+    tool = audio_tool(cfg)
+    if tool != PYAV and _audio_streams(path, cfg.audio_timeout_s) == 0:
         raise NoAudioError("no audio stream")
     workdir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="audio-", suffix=".f32", dir=workdir)
     os.close(fd)
     out = Path(name)
-    # ffmpeg-python builds the command; it runs under _run's time limit (the library has none)
-    cmd = (ffmpeg.input(str(path))
-           .output(str(out), map="0:a:0", vn=None, ac=1, ar=cfg.audio_rate, f="f32le")
-           .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
-           .overwrite_output()
-           .compile())
+    env = None
+    if tool == PYAV:
+        # the child finds the stream itself (exit code NO_AUDIO_EXIT without one): one process per file
+        what = "PyAV audio decode"
+        cmd, env = child_command("audio", str(path), str(out), str(cfg.audio_rate))
+    else:
+        what = "ffmpeg audio decode"
+        # ffmpeg-python builds the command; it runs under _run's time limit (the library has none)
+        cmd = (ffmpeg.input(str(path))
+               .output(str(out), map="0:a:0", vn=None, ac=1, ar=cfg.audio_rate, f="f32le")
+               .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+               .overwrite_output()
+               .compile(cmd=FFMPEG))
     try:
-        proc = _run(cmd, "ffmpeg audio decode", cfg.audio_timeout_s)
+        proc = _run(cmd, what, cfg.audio_timeout_s, env)
     except DecodeError:
         out.unlink(missing_ok=True)
         raise
     if proc.returncode != 0:
         out.unlink(missing_ok=True)
-        raise DecodeError(f"ffmpeg failed: {_ffmpeg_reason(proc.stderr, path, proc.returncode)}")
+        if tool == PYAV and proc.returncode == NO_AUDIO_EXIT:
+            raise NoAudioError("no audio stream")
+        label = "PyAV" if tool == PYAV else "ffmpeg"
+        raise DecodeError(f"{label} failed: {_ffmpeg_reason(proc.stderr, path, proc.returncode)}")
     if proc.stderr.strip():
-        logger.warning("%s: ffmpeg audio decode reported: %s", path, _one_line(proc.stderr, last=True))
+        logger.warning("%s: %s reported: %s", path, what, _one_line(proc.stderr, last=True))
     size = out.stat().st_size
     if size < 4:
         out.unlink(missing_ok=True)

@@ -1,9 +1,13 @@
-"""Probe one video file with ffprobe into manifest fields.
+"""Probe one video file with ffprobe (or, without it, PyAV) into manifest fields.
 
 Every problem is a :class:`ProbeError` whose message is the one-line reason recorded in the manifest;
-:class:`ProbeTimeout` (ffprobe killed after ``timeout`` seconds) and :class:`ProbeUnavailable`
-(ffprobe could not be started) are failures of this scan only: the scan does not cache them, so a
+:class:`ProbeTimeout` (the probe killed after ``timeout`` seconds) and :class:`ProbeUnavailable`
+(the probe could not be started) are failures of this scan only: the scan does not cache them, so a
 later scan probes the file again.
+
+The probe is a subprocess either way: ``ffprobe``, or where ffprobe is absent (``tool="pyav"``, see
+:func:`extractors.libav.resolve_tool`) a PyAV child process that prints the same JSON fields; both run
+under :func:`run_ffprobe`'s time limit and process-group kill.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from extractors.libav import PYAV, child_command, resolve_tool
 from pipeline.walk import display_path
 
 logger = logging.getLogger(__name__)
@@ -56,10 +61,19 @@ def _rate(text: str | None) -> float:
     return float(value) if value.denominator else 0.0
 
 
-def _last_line(stderr: bytes | None) -> str:
+def probe_tool(choice: str = "auto") -> str:
+    """``"ffprobe"`` or ``"pyav"``: the probe that runs for ``choice`` (``ScanConfig.probe_tool``)."""
+    return resolve_tool(choice, FFPROBE)
+
+
+def _label(tool: str) -> str:
+    return "PyAV probe" if tool == PYAV else FFPROBE
+
+
+def _last_line(stderr: bytes | None, tool: str = FFPROBE) -> str:
     lines = [ln.strip() for ln in (stderr or b"").decode("utf-8", "replace").splitlines() if ln.strip()]
     if not lines:
-        return "ffprobe failed without a message"
+        return f"{_label(tool)} failed without a message"
     # ffprobe prints "path: reason"; keep the reason only.
     last = lines[-1]
     return last.split(": ", 1)[1] if ": " in last else last
@@ -77,8 +91,10 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_ffprobe(path: Path, timeout: float | None, running: Any = None) -> dict[str, Any]:
+def run_ffprobe(path: Path, timeout: float | None, running: Any = None, tool: str = FFPROBE) -> dict[str, Any]:
     """``ffprobe -show_format -show_streams -of json path`` as a dict; ProbeError on failure.
+    ``tool="pyav"``: the same JSON fields from a PyAV child process (``extractors.libav probe``), run
+    and killed the same way.
 
     Hand-written rather than ffmpeg-python's ``ffmpeg.probe``, which has no timeout: a file that makes
     ffprobe hang would keep its thread (and the process at exit) forever. Here ffprobe runs in its own
@@ -86,12 +102,17 @@ def run_ffprobe(path: Path, timeout: float | None, running: Any = None) -> dict[
     thread outlives the call. ``running`` (an object with ``add``/``discard``) is told of the process,
     so that a caller that is interrupted can kill it.
     """
-    cmd = [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)]
+    label = _label(tool)
+    env = None
+    if tool == PYAV:
+        cmd, env = child_command("probe", str(path))
+    else:
+        cmd = [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)]
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     except OSError as exc:
-        raise ProbeUnavailable(f"cannot run {FFPROBE} ({exc.strerror or exc})") from None
+        raise ProbeUnavailable(f"cannot run {label} ({exc.strerror or exc})") from None
     if running is not None:
         running.add(proc)
     try:
@@ -102,7 +123,7 @@ def run_ffprobe(path: Path, timeout: float | None, running: Any = None) -> dict[
             proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:  # a grandchild that left the group still holds the pipes
             proc.wait()
-        raise ProbeTimeout(f"ffprobe timed out after {timeout:g} s") from None
+        raise ProbeTimeout(f"{label} timed out after {timeout:g} s") from None
     finally:
         if proc.poll() is None:  # interrupted (KeyboardInterrupt...): leave no process behind
             kill_group(proc)
@@ -110,13 +131,13 @@ def run_ffprobe(path: Path, timeout: float | None, running: Any = None) -> dict[
         if running is not None:
             running.discard(proc)
     if proc.returncode != 0:
-        raise ProbeError(f"ffprobe: {_last_line(err)}")
+        raise ProbeError(f"{label}: {_last_line(err, tool)}")
     try:
         info = json.loads(out.decode("utf-8", "replace"))
     except ValueError:
-        raise ProbeError("ffprobe: unreadable output") from None
+        raise ProbeError(f"{label}: unreadable output") from None
     if not isinstance(info, dict):
-        raise ProbeError("ffprobe: unreadable output")
+        raise ProbeError(f"{label}: unreadable output")
     return info
 
 
@@ -124,11 +145,13 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_I
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def probe_video(path: Path, timeout: float | None = None, running: Any = None) -> dict[str, Any]:
+def probe_video(path: Path, timeout: float | None = None, running: Any = None,
+                tool: str | None = None) -> dict[str, Any]:
     """Manifest fields of `path` (duration, fps, n_frames, size, codecs, audio facts).
 
-    Raises ProbeError with a precise reason for unusable files (ProbeTimeout when ffprobe ran past
-    ``timeout`` seconds and was killed; ``running``: see :func:`run_ffprobe`).
+    Raises ProbeError with a precise reason for unusable files (ProbeTimeout when the probe ran past
+    ``timeout`` seconds and was killed; ``running``: see :func:`run_ffprobe`). ``tool``: ``"ffprobe"``
+    or ``"pyav"`` (None: :func:`probe_tool`'s choice for ``auto``).
     """
     try:
         st = path.stat()
@@ -146,7 +169,7 @@ def probe_video(path: Path, timeout: float | None = None, running: Any = None) -
             fh.read(1)
     except OSError as exc:
         raise ProbeError(f"cannot read file ({exc.strerror})") from None
-    info = run_ffprobe(path, timeout, running)
+    info = run_ffprobe(path, timeout, running, tool or probe_tool())
     streams = [s for s in info.get("streams") or [] if isinstance(s, dict)]
     video = next((s for s in streams if s.get("codec_type") == "video"
                   and not (s.get("disposition") or {}).get("attached_pic")), None)
@@ -212,12 +235,14 @@ class ProbeCache:
         self._fh = open(path, "a", encoding="utf-8")
 
     @staticmethod
-    def key(abs_path: Path) -> str | None:
+    def key(abs_path: Path, tool: str = FFPROBE) -> str | None:
+        """``path|size|mtime_ns``, with ``|pyav`` appended for PyAV probes (their fields may differ
+        from ffprobe's, e.g. nb_frames; ffprobe keys stay those of older scans)."""
         try:
             st = abs_path.stat()
         except OSError:
             return None
-        return f"{abs_path}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{abs_path}|{st.st_size}|{st.st_mtime_ns}" + (f"|{PYAV}" if tool == PYAV else "")
 
     def get(self, key: str | None) -> dict | None:
         return self.entries.get(key) if key else None
@@ -261,11 +286,11 @@ class _Running:
             kill_group(proc)
 
 
-def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None) -> dict:
+def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None, tool: str = FFPROBE) -> dict:
     """``{"ok": True, "info": fields}`` or ``{"ok": False, "error": reason}``, with ``"transient":
     True`` for a failure of this run only (timeout, ffprobe not runnable, an unexpected error)."""
     try:
-        return {"ok": True, "info": probe_video(abs_path, timeout=timeout, running=running)}
+        return {"ok": True, "info": probe_video(abs_path, timeout=timeout, running=running, tool=tool)}
     except ProbeError as exc:
         item: dict[str, Any] = {"ok": False, "error": str(exc)}
         if not exc.cacheable:
@@ -277,8 +302,9 @@ def _probe_one(abs_path: Path, timeout: float, running: _Running | None = None) 
 
 
 def probe_all(root: Path, paths: list[str], cache: ProbeCache, *, workers: int, timeout_s: float,
-              progress: bool) -> tuple[dict[str, dict], int]:
-    """Probe every path (cached ones skipped) with a thread pool, at most ``workers`` at once.
+              progress: bool, tool: str = FFPROBE) -> tuple[dict[str, dict], int]:
+    """Probe every path (cached ones skipped) with a thread pool, at most ``workers`` at once, with
+    ``tool`` (``"ffprobe"`` or ``"pyav"``, resolved: see :func:`probe_tool`).
 
     Each ffprobe is killed after ``timeout_s`` (:func:`run_ffprobe`), so every
     thread ends; the pool is shut down with all its threads joined, also when interrupted (the running
@@ -287,7 +313,7 @@ def probe_all(root: Path, paths: list[str], cache: ProbeCache, *, workers: int, 
     results: dict[str, dict] = {}
     todo: list[tuple[str, str | None]] = []
     for rel in paths:
-        key = ProbeCache.key(root / rel)
+        key = ProbeCache.key(root / rel, tool)
         hit = cache.get(key)
         if hit is not None:
             results[rel] = hit
@@ -304,7 +330,7 @@ def probe_all(root: Path, paths: list[str], cache: ProbeCache, *, workers: int, 
         while queue or pending:
             while queue and len(pending) < n_workers:
                 rel, key = queue.pop()
-                pending[pool.submit(_probe_one, root / rel, timeout_s, running)] = (rel, key)
+                pending[pool.submit(_probe_one, root / rel, timeout_s, running, tool)] = (rel, key)
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 rel, key = pending.pop(fut)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,19 @@ def copy_stage_outputs(ws: Path, dest: Path, stages: tuple[str, ...] = ("scan", 
             src = ws / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest
+
+
+def process_gone(pid: int) -> bool:
+    """True when process ``pid`` has exited (no longer listed, or a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

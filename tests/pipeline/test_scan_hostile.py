@@ -20,6 +20,7 @@ from pipeline.scan import ScanConfig, _unique_ids, scan
 from store.ids import extension_id, path_of_id, split_id, video_id
 from store.layout import Workspace
 from store.manifest import Caption, VideoRecord, read_captions, read_manifest
+from tests.support import process_gone
 
 LATIN1 = os.fsdecode(b"caf\xe9.mp4")  # a name that is not valid UTF-8, as os.walk gives it
 CONTROL = "ctl\x01\x7fname.mp4"
@@ -403,14 +404,6 @@ exec "{real}" "$@"
     return fake
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_hung_ffprobe_is_killed_failed_and_retried_by_the_next_scan(tiny_video, tmp_path, monkeypatch):
     real = shutil.which("ffprobe")
     assert real
@@ -432,9 +425,9 @@ def test_hung_ffprobe_is_killed_failed_and_retried_by_the_next_scan(tiny_video, 
     assert result.n_probed == 4 and json.loads(ws.scan_record.read_text())["retry"] == ["hang.mp4"]
     sleeper = int((bin_dir / "sleep.pid").read_text())
     deadline = time.monotonic() + 5
-    while not _gone(sleeper) and time.monotonic() < deadline:
+    while not process_gone(sleeper) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gone(sleeper), "ffprobe's child outlived the timeout"
+    assert process_gone(sleeper), "ffprobe's child outlived the timeout"
     assert "hang.mp4" not in ws.probe_cache.read_text()  # a timeout is not a property of the file
     # Same files, a working ffprobe: the scan is not "unchanged", it probes the hung file (only) again.
     monkeypatch.setenv("PATH", path)
@@ -465,9 +458,10 @@ def test_missing_ffprobe_fails_each_video_for_this_scan_only(tiny_video, tmp_pat
     path = os.environ["PATH"]
     monkeypatch.setenv("PATH", str(empty))
     ws = Workspace(tmp_path / "ws")
-    result = scan(root, ws, ScanConfig(), progress=False)
+    cfg = ScanConfig(probe_tool="ffprobe")  # ffprobe asked for (auto would probe with PyAV: test_no_ffmpeg)
+    result = scan(root, ws, cfg, progress=False)
     assert result.n_failed == 2
     assert all(why.startswith("cannot run ffprobe") for _, why in result.failures), result.failures
     monkeypatch.setenv("PATH", path)
-    again = scan(root, ws, ScanConfig(), progress=False)
+    again = scan(root, ws, cfg, progress=False)
     assert again.n_probed == 2 and again.n_ok == 2
