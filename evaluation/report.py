@@ -1,16 +1,21 @@
 """Self-contained HTML evaluation report: metrics, retrieval examples, cluster gallery, training curves.
 
+The page is the jinja2 template ``evaluation/templates/report.html.j2`` (package data), rendered with
+autoescaping on: every value from the data (captions, ids, titles) is HTML-escaped by jinja2, none by
+hand. This module only turns the :class:`ReportData` into plain values for it (formatted numbers,
+thumbnails, plots).
+
 The page opens from disk with no network: CSS is inline and every image (clip thumbnails from
 :mod:`evaluation.thumbnails`, matplotlib plots) is embedded as a base64 ``data:`` URI. No JavaScript is
 needed; ``self_check=True`` adds a tiny script that counts the images that decoded (used by the tests).
-All text coming from the data is HTML-escaped. Nothing here raises on bad media or a bad training log:
-missing videos get a placeholder thumbnail, malformed log lines are skipped and counted.
+Nothing here raises on bad media or a bad training log: missing videos get a placeholder thumbnail,
+malformed log lines are skipped and counted.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import logging
@@ -32,6 +37,7 @@ __all__ = [
     "QueryResult",
     "ReportData",
     "TrainLog",
+    "metrics_table",
     "read_train_log",
     "render_report",
     "write_report",
@@ -39,8 +45,7 @@ __all__ = [
 
 LOSS_KEYS: tuple[str, ...] = ("total", "mms", "cluster", "recon")
 _RECALL = re.compile(r"(?:R|recall)@(\d+)", re.IGNORECASE)
-_METRIC_LABELS = {"median_rank": "median rank", "mean_rank": "mean rank", "n_queries": "queries",
-                  "n_total": "candidates"}
+TEMPLATE = "report.html.j2"  # in evaluation/templates/
 
 
 @dataclass
@@ -76,6 +81,8 @@ class ReportData:
     clusters: dict[int, list[ClipRef]] = field(default_factory=dict)  # k-means cluster -> a few clips
     train_log: Path | None = None  # JSONL, one object per logged step
     info: dict[str, str] = field(default_factory=dict)  # checkpoint, config identity, protocol, dates...
+    n_annotated: int | None = None  # queries of the set's annotation file (None without one)
+    n_missing: int | None = None  # annotated queries that could not be evaluated
 
 
 @dataclass
@@ -218,11 +225,24 @@ def plot_rates(records: list[dict[str, float]]) -> bytes | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# HTML pieces
+# The page: evaluation/templates/report.html.j2, filled with plain data (strings, numbers, dicts)
 
 
-def _e(x: object) -> str:
-    return html.escape(str(x), quote=True)
+#: The rank columns of the metrics table (metric key → header), after the recalls; the ``*_all``
+#: variants (ranks over every annotated query, the missing ones at the worst rank) only when present.
+RANK_COLUMNS: tuple[tuple[str, str], ...] = (("median_rank", "MedR"), ("mean_rank", "MeanR"),
+                                             ("median_rank_all", "MedR (all)"), ("mean_rank_all", "MeanR (all)"))
+MODE_LABELS = {"text_to_video": "text→video", "text_to_video_audio": "text→(video+audio)",
+               "video_to_text": "video→text"}
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> Any:
+    """The jinja2 environment of the package's templates, autoescaping every value."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("evaluation", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def _data_uri(data: bytes) -> str:
@@ -238,50 +258,63 @@ def _fmt_time(s: float) -> str:
     return f"{int(m)}:{sec:04.1f}" if m < 60 else f"{int(m // 60)}:{int(m % 60):02d}:{sec:04.1f}"
 
 
-def _is_recall(metric: str) -> bool:
-    return _RECALL.fullmatch(metric) is not None
-
-
-def _fmt_metric(metric: str, value: float | None) -> str:
+def _finite(value: Any) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _fmt_metric(metric: str, value: Any) -> str:
+    v = _finite(value)
+    if v is None:
         return "—"
-    if _is_recall(metric):
-        return f"{100 * value:.1f} %"
-    if metric.startswith("n_") or float(value).is_integer():
-        return f"{int(value):d}" if abs(value) < 1e15 else f"{value:.3g}"
-    return f"{value:.2f}"
+    if _RECALL.fullmatch(metric):
+        return f"{100 * v:.1f} %"
+    if v.is_integer():
+        return f"{int(v):d}" if abs(v) < 1e15 else f"{v:.3g}"
+    return f"{v:.2f}"
 
 
-def _metric_order(metric: str) -> tuple[int, float, str]:
+def _recall_k(metric: str) -> int | None:
     m = _RECALL.fullmatch(metric)
-    if m:
-        return (0, float(m.group(1)), metric)
-    fixed = {"median_rank": 1, "mean_rank": 2}
-    if metric in fixed:
-        return (fixed[metric], 0.0, metric)
-    return (4 if metric.startswith("n_") else 3, 0.0, metric)
+    return int(m.group(1)) if m else None
 
 
-def _metrics_table(metrics: dict[str, dict[str, float]], chance: dict[str, float] | None) -> str:
-    head = "<tr><th>mode</th><th>metric</th><th>value</th>" + ("<th>chance</th>" if chance else "") + "</tr>"
+def metrics_table(metrics: dict[str, dict[str, float]], chance: dict[str, float] | None,
+                  n_annotated: int | None = None, n_missing: int | None = None) -> dict[str, Any]:
+    """The compact metrics table: one row per mode with the recall columns (every ``R@K`` present, by
+    K), MedR, MeanR (and their ``_all`` variants when some mode has them) and n (queries evaluated, "of
+    n_total" when the recalls are divided by more); a chance row under the recalls; notes below."""
+    recalls = sorted({k for m in metrics.values() for k in m if _recall_k(k) is not None}, key=_recall_k)
+    ranks = [(k, label) for k, label in RANK_COLUMNS if any(k in m for m in metrics.values())]
+    columns = [{"key": k, "label": k} for k in recalls] + [{"key": k, "label": label} for k, label in ranks]
+    columns.append({"key": "n_queries", "label": "n"})
     rows = []
-    for mode, values in metrics.items():
-        for i, metric in enumerate(sorted(values, key=_metric_order)):
-            v = values[metric]
-            bar = ""
-            if _is_recall(metric) and isinstance(v, (int, float)) and math.isfinite(v):
-                bar = f'<span class="bar" style="width:{max(0.0, min(1.0, float(v))) * 100:.1f}%"></span>'
-            cells = [f'<td class="mode{"" if i == 0 else " repeat"}">{_e(mode)}</td>',
-                     f'<td class="metric">{_e(_METRIC_LABELS.get(metric, metric))}</td>',
-                     f'<td class="value">{bar}<span class="num">{_e(_fmt_metric(metric, v))}</span></td>']
-            if chance:
-                c = chance.get(metric)
-                cells.append(f'<td class="chance">{_e(_fmt_metric(metric, c)) if c is not None else ""}</td>')
-            rows.append(f'<tr class="metric-row{" first" if i == 0 else ""}" data-mode="{_e(mode)}" '
-                        f'data-metric="{_e(metric)}">{"".join(cells)}</tr>')
-    if not rows:
-        return '<p class="note">No metrics.</p>'
-    return f'<table id="metrics"><thead>{head}</thead><tbody>\n' + "\n".join(rows) + "\n</tbody></table>"
+    for mode, m in metrics.items():
+        cells = []
+        for k in recalls:
+            v = _finite(m.get(k))
+            cells.append({"kind": "recall", "text": _fmt_metric(k, v),
+                          "bar": None if v is None else f"{max(0.0, min(1.0, v)) * 100:.1f}"})
+        cells += [{"kind": "rank-metric", "text": _fmt_metric(k, m.get(k)), "bar": None} for k, _ in ranks]
+        n, total = _finite(m.get("n_queries")), _finite(m.get("n_total"))
+        text = _fmt_metric("n_queries", n)
+        if n is not None and total is not None and total != n:
+            text += f" of {_fmt_metric('n_total', total)}"
+        cells.append({"kind": "n", "text": text, "bar": None})
+        rows.append({"mode": mode, "label": MODE_LABELS.get(mode, mode), "cells": cells})
+    chance_row = None
+    if chance:
+        chance_row = [_fmt_metric(k, chance[k]) if k in chance else "" for k in recalls] + [""] * (len(ranks) + 1)
+    notes = []
+    if n_missing:
+        of = f" of {n_annotated}" if n_annotated is not None else ""
+        notes.append(f"{n_missing}{of} annotated queries could not be evaluated (video absent or unusable, "
+                     "no known word in the caption).")
+    if any(c["key"].endswith("_all") for c in columns):
+        notes.append("MedR and MeanR: over the evaluated queries; (all): over every query of the set, a "
+                     "query that could not be evaluated at the worst rank.")
+    return {"columns": columns, "rows": rows, "chance": chance_row, "notes": notes}
 
 
 def _same_clip(a: ClipRef, b: ClipRef) -> bool:
@@ -304,25 +337,19 @@ class _Thumbs:
             for key, data in zip(keys, pool.map(lambda k: thumbnail(k[0], k[1], width), keys)):
                 self.uris[key] = _data_uri(data)
 
-    def img(self, c: ClipRef) -> str:
-        uri = self.uris.get((c.video_path, _mid(c))) or _data_uri(thumbnail(c.video_path, _mid(c), self.width))
-        alt = f"{c.video_id} {_fmt_time(c.start)}–{_fmt_time(c.end)} s"
-        return f'<img class="thumb" src="{uri}" alt="{_e(alt)}" width="{self.width}">'
+    def uri(self, c: ClipRef) -> str:
+        return self.uris.get((c.video_path, _mid(c))) or _data_uri(thumbnail(c.video_path, _mid(c), self.width))
 
 
-def _clip_figure(c: ClipRef, thumbs: _Thumbs, *, rank: int | None = None, is_true: bool = False) -> str:
-    cls = "clip true-clip" if is_true else "clip"
-    top = []
-    if rank is not None:
-        top.append(f'<span class="rank">#{rank + 1}</span>')
-    if c.score is not None and math.isfinite(c.score):
-        top.append(f'<span class="score">{c.score:.3f}</span>')
-    if is_true:
-        top.append('<span class="label">✔ true clip</span>')
-    where = f"{_e(c.video_id)} · {_fmt_time(c.start)}–{_fmt_time(c.end)} s"
-    caption = f'<div class="caption">{_e(c.caption)}</div>' if c.caption else ""
-    return (f'<figure class="{cls}">{thumbs.img(c)}<figcaption><div class="top">{" ".join(top)}</div>'
-            f'<div class="where">{where}</div>{caption}</figcaption></figure>')
+def _clip(c: ClipRef, thumbs: _Thumbs, *, rank: int | None = None, is_true: bool = False,
+          sep: bool = False) -> dict[str, Any]:
+    """One clip figure's values (``rank`` 0-based; shown 1-based)."""
+    score = _finite(c.score)
+    span = f"{_fmt_time(c.start)}–{_fmt_time(c.end)} s"
+    return {"src": thumbs.uri(c), "width": thumbs.width, "alt": f"{c.video_id} {span}",
+            "rank": None if rank is None else rank + 1, "score": None if score is None else f"{score:.3f}",
+            "is_true": is_true, "where": f"{c.video_id} · {span}",
+            "caption": c.caption, "sep": sep}
 
 
 def _sample(n: int, k: int) -> list[int]:
@@ -334,80 +361,35 @@ def _sample(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def _query_block(i: int, q: QueryResult, thumbs: _Thumbs, top_k: int) -> str:
-    shown = q.retrieved[:top_k]
-    figs, true_shown = [], False
-    for r, c in enumerate(shown):
+def _query(q: QueryResult, thumbs: _Thumbs, top_k: int) -> dict[str, Any]:
+    """A query's top ``top_k`` clips, then (after a separator) its true clip when it is not among them."""
+    clips, true_shown = [], False
+    for r, c in enumerate(q.retrieved[:top_k]):
         is_true = r == q.true_rank or _same_clip(c, q.true_clip)
         true_shown |= is_true
-        figs.append(_clip_figure(c, thumbs, rank=r, is_true=is_true))
+        clips.append(_clip(c, thumbs, rank=r, is_true=is_true))
     if not true_shown:
-        figs.append('<div class="sep">…</div>')
-        figs.append(_clip_figure(q.true_clip, thumbs, rank=q.true_rank if q.true_rank >= 0 else None, is_true=True))
-    status = "hit" if 0 <= q.true_rank < top_k else "miss"
-    return (f'<section class="query {status}"><h3><span class="qn">{i + 1}.</span> “{_e(q.query)}”</h3>'
-            f'<p class="meta">true clip at rank <b>{q.true_rank + 1}</b></p>'
-            f'<div class="clips">{"".join(figs)}</div></section>')
+        clips.append(_clip(q.true_clip, thumbs, rank=q.true_rank if q.true_rank >= 0 else None, is_true=True,
+                           sep=True))
+    return {"query": q.query, "true_rank": q.true_rank + 1, "hit": 0 <= q.true_rank < top_k, "clips": clips}
 
 
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1150px;
- padding:0 16px;color:#222;background:#fff}
-h1{font-size:24px;margin:0 0 8px}h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:15px;margin:14px 0 4px;font-weight:600}
-dl.info{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:8px 0;font-size:13px}
-dl.info dt{color:#666}dl.info dd{margin:0;font-family:ui-monospace,Menlo,monospace;word-break:break-all}
-table#metrics{border-collapse:collapse;font-size:13px}
-#metrics th,#metrics td{padding:3px 12px;text-align:left;border-bottom:1px solid #eee}
-#metrics thead th{border-bottom:2px solid #ccc}#metrics tr.first td{border-top:1px solid #bbb}
-#metrics td.repeat{color:#bbb}#metrics td.value{position:relative;min-width:110px;text-align:right}
-#metrics .bar{position:absolute;left:0;top:4px;bottom:4px;background:#e1edf9;z-index:0}
-#metrics .num{position:relative;z-index:1;font-variant-numeric:tabular-nums}#metrics td.chance{color:#888;text-align:right}
-.note{color:#777;font-style:italic}.meta{margin:0 0 6px;color:#555;font-size:13px}
-.query{margin-bottom:18px}.query.miss h3 .qn{color:#c0392b}.query.hit h3 .qn{color:#1e8449}
-.clips,.gallery{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
-figure.clip{margin:0;width:168px;padding:3px;border:2px solid transparent;border-radius:6px;background:#fafafa}
-figure.clip img{display:block;width:160px;height:auto;border-radius:3px;background:#ddd}
-figure.true-clip{border-color:#27ae60;background:#eafaf1}
-figcaption{font-size:12px;margin-top:3px}.top{display:flex;gap:6px;align-items:baseline}
-.rank{font-weight:700}.score{color:#555;font-variant-numeric:tabular-nums}
-.label{color:#fff;background:#27ae60;border-radius:3px;padding:0 4px;font-size:11px;font-weight:600}
-.where{color:#888;font-size:11px;word-break:break-all}.caption{margin-top:2px}
-.sep{align-self:center;color:#aaa;font-size:22px}
-img.plot{display:block;max-width:100%;height:auto;margin:8px 0}
-footer{margin-top:40px;color:#999;font-size:12px}
-"""
-
-_SELF_CHECK = """<script>
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (im) { return im.complete && im.naturalWidth > 0; }).length;
-  document.body.setAttribute("data-images-ok", String(ok));
-  document.body.setAttribute("data-images-total", String(imgs.length));
-  document.title = "images-ok:" + ok + "/" + imgs.length;
-});
-</script>"""
-
-
-def _training_section(train_log: Path | None) -> str:
+def _training(train_log: Path | None) -> dict[str, Any]:
+    """What the training section shows: the log's counts and the plots (PNG data URIs)."""
+    out: dict[str, Any] = {"path": None if train_log is None else str(train_log), "error": None, "n_records": 0,
+                           "n_bad": 0, "plots": []}
     if train_log is None:
-        return '<p class="note">No training log given.</p>'
+        return out
     log = read_train_log(Path(train_log))
-    if log.error is not None:
-        return f'<p class="note">Training log {_e(train_log)} could not be read ({_e(log.error)}).</p>'
-    notes = []
-    if log.n_bad:
-        notes.append(f'<p class="note" id="train-log-skipped">{log.n_bad} malformed line(s) of the training log '
-                     "were skipped.</p>")
-    if not log.records:
-        return "".join(notes) + f'<p class="note">Training log {_e(train_log)} has no usable records.</p>'
+    out.update(error=log.error, n_bad=log.n_bad, n_records=len(log.records), name=Path(train_log).name)
+    if log.error is not None or not log.records:
+        return out
     records = sorted(log.records, key=lambda r: r["step"])
-    parts = [f'<p class="meta">{len(records)} logged steps, last step {int(records[-1]["step"])} '
-             f'from {_e(Path(train_log).name)}</p>', *notes]
+    out["last_step"] = int(records[-1]["step"])
     for name, png in (("losses", plot_losses(records)), ("rates", plot_rates(records))):
         if png is not None:
-            parts.append(f'<img class="plot" id="plot-{name}" src="{_data_uri(png)}" alt="{name}">')
-    return "".join(parts)
+            out["plots"].append({"name": name, "src": _data_uri(png)})
+    return out
 
 
 def render_report(data: ReportData, *, max_queries: int = 10, top_k: int = 5, clips_per_cluster: int = 6,
@@ -421,48 +403,13 @@ def render_report(data: ReportData, *, max_queries: int = 10, top_k: int = 5, cl
     for v in clusters.values():
         clips += v
     thumbs = _Thumbs(clips, thumb_width, workers)
-
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width,initial-scale=1">',
-           f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>",
-           f'<header><h1>{_e(data.title)}</h1>']
-    if data.info:
-        out.append('<dl class="info">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in data.info.items())
-                   + "</dl>")
-    out.append("</header>")
-
-    out.append('<section id="metrics-section"><h2>Retrieval metrics</h2>')
-    out.append(_metrics_table(data.metrics, data.chance))
-    out.append("</section>")
-
-    out.append('<section id="queries"><h2>Retrieval examples</h2>')
-    if picked:
-        out.append(f'<p class="meta">{len(picked)} of {len(data.queries)} queries, top {top_k} each; '
-                   "the true clip is framed in green.</p>")
-        out += [_query_block(i, q, thumbs, top_k) for i, q in enumerate(picked)]
-    else:
-        out.append('<p class="note">No query examples.</p>')
-    out.append("</section>")
-
-    out.append('<section id="clusters"><h2>Cluster gallery</h2>')
-    if clusters:
-        for k, members in clusters.items():
-            out.append(f'<div class="cluster" data-cluster="{_e(k)}"><h3>cluster {_e(k)}</h3><div class="gallery">'
-                       + "".join(_clip_figure(c, thumbs) for c in members) + "</div></div>")
-    else:
-        out.append('<p class="note">No clusters.</p>')
-    out.append("</section>")
-
-    out.append('<section id="training"><h2>Training curves</h2>')
-    out.append(_training_section(data.train_log))
-    out.append("</section>")
-
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out.append(f"<footer>generated {stamp} by evaluation.report</footer>")
-    if self_check:
-        out.append(_SELF_CHECK)
-    out.append("</body></html>\n")
-    return "\n".join(out)
+    return _environment().get_template(TEMPLATE).render(
+        title=data.title, info=data.info,
+        table=metrics_table(data.metrics, data.chance, data.n_annotated, data.n_missing),
+        queries=[_query(q, thumbs, top_k) for q in picked], n_queries=len(data.queries), top_k=top_k,
+        clusters=[{"id": k, "clips": [_clip(c, thumbs) for c in members]} for k, members in clusters.items()],
+        training=_training(data.train_log),
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), self_check=self_check)
 
 
 def write_report(path: Path, data: ReportData, *, max_queries: int = 10, top_k: int = 5,

@@ -29,7 +29,9 @@ __all__ = [
     "MissingWeightsError",
     "WeightsRef",
     "checkpoint_dir",
+    "expected_sha256_prefix",
     "load_state_dict_file",
+    "locate_weights",
     "random_identity",
     "resolve_weights",
     "seeded",
@@ -57,6 +59,25 @@ def checkpoint_dir() -> Path:
     read at call time.
     """
     return Path(torch.hub.get_dir()).expanduser() / "checkpoints"
+
+
+def expected_sha256_prefix(filename: str) -> str | None:
+    """The leading hex digits of the sha256 a weights file's name promises, by torch.hub's convention
+    (``resnet152-394f9c45.pth`` → ``"394f9c45"``, what ``torch.hub`` checks on download); None for a
+    name that carries none (``resnext-101-kinetics.pth``)."""
+    m = torch.hub.HASH_REGEX.search(filename)
+    return m.group(1) if m and m.group(1) else None
+
+
+def locate_weights(path: str | os.PathLike[str] | None, filename: str) -> tuple[Path | None, list[Path]]:
+    """Where :func:`resolve_weights` finds ``filename`` (the module docstring's search order), without
+    reading it: ``(the file, or None when absent; the places looked in)``."""
+    if path is not None:
+        explicit = Path(path).expanduser()
+        candidate = explicit / filename if explicit.is_dir() else explicit
+    else:
+        candidate = checkpoint_dir() / filename
+    return (candidate if candidate.is_file() else None), [candidate]
 
 
 def random_identity(seed: int) -> str:
@@ -90,18 +111,11 @@ def resolve_weights(
     Raises:
         MissingWeightsError: the file was not found (and random init not allowed or ``path`` given).
     """
-    looked: list[Path] = []
+    found, looked = locate_weights(path, filename)
+    if found is not None:
+        return WeightsRef(found, sha256_file(found), False)
     if path is not None:
-        explicit = Path(path).expanduser()
-        candidate = explicit / filename if explicit.is_dir() else explicit
-        looked.append(candidate)
-        if candidate.is_file():
-            return WeightsRef(candidate, sha256_file(candidate), False)
         raise MissingWeightsError(_missing_message(what, filename, looked, hint, explicit=True))
-    default = checkpoint_dir() / filename
-    looked.append(default)
-    if default.is_file():
-        return WeightsRef(default, sha256_file(default), False)
     if allow_random:
         if (what, filename, seed) not in _warned:  # loudly, once per process (describing an extractor resolves it too)
             _warned.add((what, filename, seed))

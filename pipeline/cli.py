@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, help="print the version and git revision, then exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("scan", help="probe a videos folder into the manifest and shard plan",
@@ -150,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     _common(p)
 
+    p = sub.add_parser("doctor", help="what a run of the config will use on this machine, and what is missing",
+                       description="One table: ffmpeg/ffprobe, the decoders (and the selected one), torch, CUDA, "
+                       "the GPUs and bf16 support, every weights file the config needs (where, sha256, "
+                       "expected or not), free disk in the workspace and the rank variables. Exits 1 when a "
+                       "stage of the config cannot run, naming what is missing and how to get it.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+
     p = sub.add_parser("demo", help="the CPU demo: demo-data, then `run` with configs/demo.yaml",
                        description="Generate the synthetic narrated videos (train + held-out split), train MCN "
                        "on the train split on CPU and evaluate zero-shot on the held-out split.",
@@ -157,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     _common(p)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: computed when asked (the git revision runs git), not when the parser is built."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from store.lineage import git_revision, package_version
+
+        print(f"mcn {package_version()} (git {git_revision() or 'unknown: not a git checkout'})")
+        parser.exit()
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -336,6 +358,14 @@ def cmd_demo(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
+    from pipeline.doctor import diagnose, exit_code, format_report
+
+    checks = diagnose(ws, cfg)
+    print(format_report(checks))
+    return exit_code(checks)
+
+
 def cmd_search(args: argparse.Namespace, cfg: Config, ws: Workspace) -> int:
     from evaluation.search import search_text
     from model.checkpoint import load_mcn
@@ -366,7 +396,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 COMMANDS = {"search": cmd_search, "run": cmd_run, "demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate,
-            "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data}
+            "scan": cmd_scan, "status": cmd_status, "extract": cmd_extract, "demo-data": cmd_demo_data,
+            "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,8 @@ def search_index(ws: Workspace, cfg: Config, checkpoint: Path, *, model=None):
         index = SearchIndex.build(features, checkpoint, ws.search_cache, model=model, clip_config=clip_cfg,
                                   batch_size=cfg.evaluate.batch_size)
         claim.verify()
-        write_record(ws.search_record, ws.search_unit, lineage, checkpoint=ident, n_clips=len(index))
+        write_record(ws.search_record, ws.search_unit, lineage, decoder=cfg.extract.decode.backend,
+                     checkpoint=ident, n_clips=len(index))
         return index
 
     st, index = run_unit(workers_for(ws, cfg), ws.search_unit, state, work)

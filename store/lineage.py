@@ -7,7 +7,7 @@ index, the demo videos) writes a **record** next to its output::
      "lineage": {"config": "<fingerprint of the result-determining config>",
                  "code": "<version of the code that makes it>",
                  "inputs": {"<name>": "<fingerprint of that input>", ...}},
-     "provenance": {"version", "git_revision", "host", "pid", "created"},
+     "provenance": {"version", "git_revision", "decoder", "host", "pid", "created"},
      ...the unit's own payload}
 
 A unit is **done** iff its record exists, its ``fingerprint`` equals the fingerprint of the current
@@ -172,25 +172,34 @@ def package_version() -> str:
         return "unknown"
 
 
-def provenance() -> dict[str, Any]:
-    """Who made an output, when and with which code (not part of any fingerprint)."""
+def provenance(decoder: str | None = None) -> dict[str, Any]:
+    """Who made an output, when and with which code (not part of any fingerprint).
+
+    ``decoder``: the visual decode backend the writer was configured with (``extract.decode.backend``,
+    e.g. ``"decord"``), passed in by the caller (the store knows no extractor); None for a writer that
+    has no decode configuration (the scan, which probes with ffprobe; the demo videos, which are only
+    encoded). Decoders are meant to give the same frames, so it is provenance, not lineage.
+    """
     return {
         "version": package_version(),
         "git_revision": git_revision(),
+        "decoder": decoder,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def make_record(unit: str, lineage: Lineage, **payload: Any) -> dict[str, Any]:
+def make_record(unit: str, lineage: Lineage, *, decoder: str | None = None, **payload: Any) -> dict[str, Any]:
+    """A unit's record: its fingerprint, lineage, :func:`provenance` (with ``decoder``) and payload."""
     return {"unit": unit, "fingerprint": lineage.fingerprint, "lineage": lineage.to_json(),
-            "provenance": provenance(), **payload}
+            "provenance": provenance(decoder), **payload}
 
 
-def write_record(path: Path, unit: str, lineage: Lineage, **payload: Any) -> dict[str, Any]:
+def write_record(path: Path, unit: str, lineage: Lineage, *, decoder: str | None = None,
+                 **payload: Any) -> dict[str, Any]:
     """Write a unit's record atomically (last, after its output); returns it."""
-    record = make_record(unit, lineage, **payload)
+    record = make_record(unit, lineage, decoder=decoder, **payload)
     atomic.write_json(path, record)
     return record
 

