@@ -24,12 +24,13 @@ Tolerances (stated here, asserted below):
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.support import free_port
 
 DEVICE = os.environ.get("MCN_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
@@ -231,12 +232,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, device: str) -> None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     """Two ranks spawned with torch.multiprocessing, each with half the global batch, on the device."""
     import torch.multiprocessing as mp
@@ -245,7 +240,7 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
 
     tt = _train_helpers()
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), DEVICE), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out), DEVICE), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     assert ddp["backend"] == _ddp_backend(DEVICE)
     single = Trainer(tt.tiny_config(warmup_steps=0, device=DEVICE), total_steps=10,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from model.train import (
 from store.layout import Workspace, find_checkpoints
 from store.lineage import runtime_fields
 from store.reader import FeatureSet, open_features
+from tests.support import free_port
 
 from .conftest import D2, D3, DW, N_MELS
 
@@ -223,18 +223,12 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
 
     single = Trainer(tiny_config(warmup_steps=0), total_steps=10, device=torch.device("cpu"))

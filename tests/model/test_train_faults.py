@@ -24,8 +24,9 @@ from model.train import (
     train,
 )
 from store.reader import FeatureSet
+from tests.support import free_port
 
-from .test_train import _free_port, _rank_slice, _synthetic_global_batch, read_log, tiny_config
+from .test_train import _rank_slice, _synthetic_global_batch, read_log, tiny_config
 
 POISON = "GU_video.fc.weight"
 #: the learned parameters (BatchNorm running statistics are buffers: a skipped step's forward pass
@@ -266,7 +267,7 @@ def test_ddp_nonfinite_gradient_decision_is_the_same_on_every_rank(tmp_path: Pat
     import torch.multiprocessing as mp
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_skip_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_skip_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     for r in (r0, r1):
         assert (r["l1"]["skipped"], r["l2"]["skipped"], r["skipped"]) == (1.0, 0.0, 1)

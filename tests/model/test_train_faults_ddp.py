@@ -10,13 +10,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +62,6 @@ def extracted_ws(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         return _own_extracted(tmp_path_factory)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 LINE = re.compile(r"^mcn train: training rank 1 stopped or became unreachable during step (\d+) \((.+)\); "
                   r"this rank stops too$")
 
@@ -81,7 +76,7 @@ def test_a_dead_rank_stops_the_others_with_one_line(extracted_ws, tmp_path: Path
     args = [str(ws) if c == str(src) else c for c in common]
     args += ["train.epochs=100000", "train.checkpoint_every=100000", "train.checkpoint_epoch_end=false",
              f"train.dist_timeout_s={TIMEOUT_S[how]}"]
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen] = []
     try:
         for rank in (0, 1):
