@@ -241,12 +241,6 @@ def merge_order(starts: np.ndarray, ends: np.ndarray, ind: int, min_time: float)
     return order
 
 
-def merge_span(starts: np.ndarray, ends: np.ndarray, ind: int, min_time: float) -> tuple[int, int]:
-    """First and last caption of the clip grown from caption ``ind`` (:func:`merge_order`)."""
-    order = merge_order(starts, ends, ind, min_time)
-    return min(order), max(order)
-
-
 def clip_rows(start: np.ndarray, end: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
     """Row ranges ``[a, b)`` of clips ``[start, end]`` (seconds) in a stream of ``fps`` rows/s:
     ``a = int(start·fps)``, ``b = int(end·fps) + 1`` (SPEC §2; negative bounds clamp to 0)."""
@@ -610,6 +604,6 @@ def add_counts(total: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
 __all__ = [
     "COUNTERS", "ClipStream", "DataConfig", "Rates", "VideoFeatures", "add_counts",
     "batches_per_epoch", "build_batch", "build_clips", "clip_arrays", "clip_rng", "clip_rows", "collate",
-    "crop_audio", "decode_video", "empty_counts", "make_loader", "merge_order", "merge_span", "merge_words",
+    "crop_audio", "decode_video", "empty_counts", "make_loader", "merge_order", "merge_words",
     "mix_sources", "open_shards", "pool_clips", "pool_video", "shard_sequence", "shuffle_buffer", "worker_videos",
 ]
