@@ -70,8 +70,9 @@ def cosines(fp32, bf16):
 
 
 def calibrate_bn(ex, x) -> None:
-    """Re-estimate every BatchNorm's running mean/variance of extractor ``ex`` on inputs ``x`` (one
-    train-mode forward pass in fp32, cumulative average), then back to eval mode."""
+    """Re-estimate every BatchNorm's running mean/variance of extractor ``ex`` (built with
+    ``fold_bn: false``) on inputs ``x`` (one train-mode forward pass in fp32, cumulative average), then
+    back to eval mode."""
     import torch
     from torch import nn
 
@@ -124,11 +125,19 @@ def main() -> None:
     for field, name, x in (("video2d", "resnet152_2d", frames), ("video3d", "resnext101_3d", windows)):
         opts = {"allow_random_weights": True, "seed": 0, "device": args.device,
                 "batch_size": 16 if field == "video2d" else 4}
-        ex = {p: create(name, {**opts, "amp": p}) for p in ("fp32", "bf16")}
         for weights in ("init", "bn-calibrated"):
-            if weights == "bn-calibrated":
-                calibrate_bn(ex["fp32"], x)
-                ex["bf16"].model.load_state_dict(ex["fp32"].model.state_dict())
+            if weights == "init":
+                ex = {p: create(name, {**opts, "amp": p}) for p in ("fp32", "bf16")}
+            else:  # calibrated on the trunk as loaded (fold_bn off), then loaded from a file and folded
+                calibrated = create(name, {**opts, "amp": "fp32", "fold_bn": False})
+                calibrate_bn(calibrated, x)
+                file = Path(tempfile.mkdtemp(prefix="mcn-bench-precision-")) / "calibrated.pth"
+                torch.save(calibrated.model.state_dict(), file)
+                del calibrated
+                loaded = {**opts, "allow_random_weights": False, "weights": str(file)}
+                ex = {p: create(name, {**loaded, "amp": p}) for p in ("fp32", "bf16")}
+                file.unlink()
+                file.parent.rmdir()
             rows = {}
             for precision in ("fp32", "bf16"):
                 t0 = time.perf_counter()

@@ -170,6 +170,9 @@ class VisualConfig:
     amp: ``auto`` (bf16 autocast on CUDA and on a CPU with native bf16, else float32), ``bf16`` or
         ``fp32``; old ``true``/``false`` mean ``auto``/``fp32`` (see extractors.precision). Runtime-only:
         the precision it resolves to on the device is part of ``describe()``, hence of fingerprints.
+    fold_bn: fold every BatchNorm into the convolution before it for inference (extractors.fold):
+        1.03–1.16× faster, the same features to float32 rounding. It changes the features' bytes, so
+        it is part of the fingerprint; ``false`` runs the trunk exactly as loaded.
     """
 
     weights: str | None = None
@@ -178,6 +181,7 @@ class VisualConfig:
     device: str = dataclasses.field(default="auto", metadata=RUNTIME)
     batch_size: int = dataclasses.field(default=64, metadata=RUNTIME)
     amp: Amp = dataclasses.field(default="auto", metadata=RUNTIME)
+    fold_bn: bool = True
 
 
 class VisualExtractor(FeatureExtractor):

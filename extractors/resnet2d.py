@@ -20,8 +20,9 @@ from .base import (
     resolve_device,
     VisualExtractor,
 )
+from .fold import fold_batchnorm
 from .precision import autocast, resolve_precision
-from .weights import load_state_dict_file, seeded
+from .weights import build_with_state, load_state_dict_file, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,19 @@ class ResNet152Extractor(VisualExtractor):
         ref = self.resolve(config)
         self.weights_id = ref.identity
         self.random_weights = ref.random
-        with seeded(config.seed):
-            model = resnet152_trunk()
-        if ref.path is not None:
+        if ref.path is None:
+            with seeded(config.seed):
+                model = resnet152_trunk()
+        else:
             state = {k: v for k, v in load_state_dict_file(ref.path).items() if not k.startswith("fc.")}
-            model.load_state_dict(state, strict=True)
+            model = build_with_state(resnet152_trunk, state)
             logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
         model.eval().requires_grad_(False)
+        if config.fold_bn:
+            model = fold_batchnorm(model)  # float32, before the device move and any autocast
         self.precision = resolve_precision(config.amp, self.device)
         # channels-last on every device: faster on CUDA and, in both precisions, on CPU (oneDNN)
+        #: the trunk as it runs: torchvision's module as loaded, or its BatchNorm-folded graph (fold_bn)
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)

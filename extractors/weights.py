@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +177,21 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def build_with_state(build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``build()`` on the meta device, then every parameter and buffer taken from ``state`` (strict).
+
+    No random init is computed only to be overwritten (~0.9 s for ResNet-152 + ResNeXt-101 on 2
+    cores). Each tensor is copied into its own float32 (floating point) or same-dtype storage, so that
+    a checkpoint whose tensors share one storage (tied or packed weights) gives independent
+    parameters, as ``load_state_dict`` without ``assign`` would.
+    """
+    with torch.device("meta"):
+        model = build()
+    owned = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
+    model.load_state_dict(owned, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # a non-persistent buffer: nothing in a state dict can give it a value
+        raise ValueError(f"no value for {left[:3]} in the state dict")
+    return model

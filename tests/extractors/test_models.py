@@ -27,9 +27,10 @@ from extractors import (
     resolve_weights,
     windows_from_frames,
 )
+from extractors.fold import fold_batchnorm, n_batchnorms
 from extractors.precision import cpu_has_bf16
 from extractors.weights import checkpoint_dir, seeded
-from store.lineage import sha256_file
+from store.lineage import config_dict, fingerprint, sha256_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HARA_KEYS = FIXTURES / "hara_resnext101_kinetics_keys.json"
@@ -175,8 +176,9 @@ def test_load_state_dict_file_unwraps_and_strips(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def r2d() -> extractors.ResNet152Extractor:
+    # fold_bn off: the trunk as loaded, whose state dict is torchvision's (the folded one: test_fold_bn_*)
     return create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "batch_size": 2, "device": "cpu",
-                                   "amp": "fp32"})
+                                   "fold_bn": False, "amp": "fp32"})
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +218,8 @@ def test_resnet152_trunk_matches_torchvision(r2d, frames2d) -> None:
 
 
 def test_resnet152_random_init_is_deterministic(r2d, frames2d) -> None:
-    again = create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "device": "cpu", "amp": "fp32"})
+    again = create("resnet152_2d", {"allow_random_weights": True, "seed": 0, "device": "cpu", "amp": "fp32",
+                                    "fold_bn": False})
     assert torch.equal(again(frames2d[:2]), r2d(frames2d[:2]))
 
 
@@ -230,7 +233,7 @@ def test_resnet152_loads_torchvision_checkpoint(r2d, frames2d) -> None:
     path = checkpoint_dir() / "resnet152-394f9c45.pth"
     path.parent.mkdir(parents=True)
     torch.save(state, path)
-    ext = create("resnet152_2d", {"device": "cpu", "amp": False})  # an old config's amp: false
+    ext = create("resnet152_2d", {"device": "cpu", "amp": False, "fold_bn": False})  # an old config's amp: false
     assert not ext.random_weights and ext.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
     got = ext.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
@@ -266,8 +269,9 @@ def _hara_param_count() -> int:
 
 @pytest.fixture(scope="module")
 def r3d() -> extractors.ResNeXt101Extractor:
+    # fold_bn off: Hara's module as loaded, with its state dict and forward_features
     return create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "batch_size": 1, "device": "cpu",
-                                    "amp": "fp32"})
+                                    "fold_bn": False, "amp": "fp32"})
 
 
 def test_resnext101_matches_hara_keys_and_param_count(r3d) -> None:
@@ -302,7 +306,7 @@ def test_resnext101_forward_windows(r3d) -> None:
 
 
 def test_resnext101_random_init_is_deterministic(r3d) -> None:
-    again = create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "device": "cpu"})
+    again = create("resnext101_3d", {"allow_random_weights": True, "seed": 0, "device": "cpu", "fold_bn": False})
     a, b = again.model.state_dict(), r3d.model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -319,11 +323,74 @@ def test_resnext101_loads_hara_checkpoint(r3d, tmp_path: Path) -> None:
     }
     path = tmp_path / "resnext-101-kinetics.pth"
     torch.save(ckpt, path)
-    ext = create("resnext101_3d", {"weights": str(path), "device": "cpu"})
+    ext = create("resnext101_3d", {"weights": str(path), "device": "cpu", "fold_bn": False})
     assert not ext.random_weights and ext.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
     got = ext.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items())
     assert torch.equal(got["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize("name", ["resnet152_2d", "resnext101_3d"])
+def test_fold_bn_gives_the_features_of_the_trunk_as_loaded(name, r2d, r3d, frames2d) -> None:
+    """The default (fold_bn) runs a graph with no BatchNorm left whose features equal, to float32
+    rounding, those of the same weights run as loaded (which the tests above check against torchvision's
+    ResNet-152 and Hara's layout); fold_bn is part of the fingerprint, amp is not."""
+    ref, x = (r2d, frames2d) if name == "resnet152_2d" else (
+        r3d, torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 16, 112, 112, 3), dtype=np.uint8)))
+    assert n_batchnorms(ref.model) > 0
+    folded = create(name, {"allow_random_weights": True, "seed": 0, "device": "cpu", "amp": "fp32"})
+    assert folded.config.fold_bn and n_batchnorms(folded.model) == 0
+    n_convs = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in folded.model.modules())
+    assert n_convs == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in ref.model.modules())
+    got, want = folded(x), ref(x)
+    assert got.shape == want.shape == (len(x), 2048)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, want)  # folded: other float32 roundings, hence other bytes
+    fp = {fold: fingerprint(config_dict(type(folded.config)(fold_bn=fold))) for fold in (True, False)}
+    assert fp[True] != fp[False]
+    assert fingerprint(config_dict(type(folded.config)(amp="bf16"))) == fp[True]
+
+
+def test_fold_batchnorm_refuses_a_training_module() -> None:
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(module)
+    folded = fold_batchnorm(module.eval())
+    assert n_batchnorms(folded) == 0
+
+
+def test_build_with_state_skips_the_init_and_owns_its_tensors() -> None:
+    """A model built on the meta device takes every tensor from the state dict, each in its own float32
+    storage (a checkpoint packed in one shared storage, or in float16, gives independent float32
+    parameters); a buffer the state dict cannot give is an error, not a meta tensor left behind."""
+    from extractors.weights import build_with_state
+
+    def build() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    ref = build().eval()
+    state = _shared_storage_copy({k: v for k, v in ref.state_dict().items() if "num_batches" not in k}, seed=5)
+    state["0.bias"] = state["0.bias"].half()
+    model = build_with_state(build, state).eval()
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert model[0].bias.dtype == torch.float32 and model[1].num_batches_tracked.item() == 0
+    ref.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert len(ptrs) == len(list(model.parameters()))  # no two parameters share memory
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert model[1].weight.abs().sum() > 0  # (they did share it in the file)
+
+    class WithScratch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    with pytest.raises(ValueError, match="scratch"):
+        build_with_state(WithScratch, WithScratch().state_dict())
 
 
 def test_windows_from_frames() -> None:
@@ -361,7 +428,7 @@ def _calibrate_bn(ex, x: torch.Tensor) -> None:
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX-512 bf16 / AMX)")
 @pytest.mark.parametrize("name", ["resnet152_2d", "resnext101_3d"])
-def test_bf16_rows_within_tolerance_of_fp32_on_real_footage(name: str, cfr_mp4: Path) -> None:
+def test_bf16_rows_within_tolerance_of_fp32_on_real_footage(name: str, cfr_mp4: Path, tmp_path: Path) -> None:
     from extractors.decode import DecodeConfig, iter_visual
 
     chunks = list(iter_visual(cfr_mp4, DecodeConfig(size_2d=112)))
@@ -369,12 +436,14 @@ def test_bf16_rows_within_tolerance_of_fp32_on_real_footage(name: str, cfr_mp4: 
         x = torch.from_numpy(np.concatenate([c.frames_2d for c in chunks])[:3])  # 3 frames, 112 × 149
     else:
         x = torch.from_numpy(windows_from_frames(np.concatenate([c.frames_3d for c in chunks]))[:2])  # 2 windows
-    opts = {"allow_random_weights": True, "seed": 0, "device": "cpu", "batch_size": 4}
+    calibrated = create(name, {"allow_random_weights": True, "seed": 0, "device": "cpu", "fold_bn": False})
+    _calibrate_bn(calibrated, x)
+    weights = tmp_path / "calibrated.pth"  # loaded as a weights file, then folded (the default path)
+    torch.save(calibrated.model.state_dict(), weights)
+    opts = {"weights": str(weights), "device": "cpu", "batch_size": 4}
     fp32, bf16 = create(name, {**opts, "amp": "fp32"}), create(name, {**opts, "amp": "bf16"})
-    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16") and fp32.config.fold_bn
     assert (fp32.describe()["precision"], bf16.describe()["precision"]) == ("fp32", "bf16")
-    _calibrate_bn(fp32, x)
-    bf16.model.load_state_dict(fp32.model.state_dict())
     a, b = fp32(x), bf16(x)
     assert a.shape == b.shape == (len(x), 2048) and a.dtype == b.dtype == torch.float32
     assert not torch.equal(a, b)  # bf16 really ran
