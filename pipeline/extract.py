@@ -4,7 +4,8 @@ Per shard, only the fields that are not done are computed. Visual decoding runs 
 processes (`extractors.workers.WorkerPool`: spawn, per-video timeout, recycling); one decode feeds
 both visual extractors; frames from consecutive videos are batched together through the models.
 Audio is decoded by an ffmpeg subprocess into a memory-mapped file; text comes from the scan's
-per-shard caption files. Every video of the shard gets a sample in every field, failed ones too.
+per-shard caption files; both run in a thread beside the visual pass (``ExtractStage._side``).
+Every video of the shard gets a sample in every field, failed ones too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,20 +273,39 @@ class ExtractStage:
             return [r for r in job.records if r.ok and (wanted[f] is None or r.id in wanted[f])]
 
         visual = {f: todo(f) for f in fields if f in VISUAL_FIELDS}
-        if any(visual.values()):
+        side = {f: todo(f) for f in fields if f not in VISUAL_FIELDS}
+        stop = threading.Event()
+
+        def run_side() -> None:  # audio and text: beside the visual pass (see _side)
+            self._side(job, side, results, stop)
+
+        if not any(visual.values()):
+            run_side()
+        else:
             wanted_ids = {r.id for rs in visual.values() for r in rs}
-            self._visual([r for r in job.records if r.id in wanted_ids], visual, results)
-        if "audio" in fields:
-            self._audio(job, todo("audio"), results["audio"])
-        if "text" in fields:
-            self._text(job, todo("text"), results["text"])
+            with ThreadPoolExecutor(1, thread_name_prefix="extract-side") as beside:
+                pending: list[Future[None]] = []
+
+                def models_ready() -> None:
+                    # not before: building a visual model traces it with torch.fx, which patches torch
+                    # globally for the time of the trace (extractors.fold)
+                    if side:
+                        pending.append(beside.submit(run_side))
+
+                try:
+                    self._visual([r for r in job.records if r.id in wanted_ids], visual, results, models_ready)
+                except BaseException:
+                    stop.set()  # the shard is abandoned: the side thread stops before its next video
+                    raise  # (leaving the executor waits for it)
+                for done in pending:
+                    done.result()  # an exception of the side thread is the shard's
         for f in fields:
             self._write(job, f, results[f], claims[f], keep_others=wanted[f] is not None)
 
     def _visual(self, records: list[VideoRecord], todo: dict[str, list[VideoRecord]],
-                results: dict[str, dict[str, FieldResult]]) -> None:
+                results: dict[str, dict[str, FieldResult]], models_ready: Callable[[], None] = lambda: None) -> None:
         """One decode per video (``records``, in shard order) feeds the visual fields that want it
-        (``todo``: field → its videos)."""
+        (``todo``: field → its videos). ``models_ready`` is called once the visual models are built."""
         window = 16
         wants = {f: {r.id for r in rs} for f, rs in todo.items()}
         carry: dict[int, np.ndarray] = {}
@@ -296,6 +318,7 @@ class ExtractStage:
             for f in todo:
                 ex = self.extractor(f)
                 batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
+            models_ready()
             for ev in pool.run(tasks):
                 i = ev.task_index
                 vid = records[i].id
@@ -338,13 +361,32 @@ class ExtractStage:
                     meta = {"warnings": warnings[i]} if warnings.get(i) else {}
                     results[f][r.id] = FieldResult(arrays={"feat.npy": b.result(i, dim)}, meta=meta)
 
-    def _audio(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult]) -> None:
+    def _side(self, job: ShardJob, todo: dict[str, list[VideoRecord]], results: dict[str, dict[str, FieldResult]],
+              stop: threading.Event) -> None:
+        """The audio and text fields of ``todo`` (field → its videos), in a thread beside the visual pass.
+
+        The visual backbones keep the cores busy, but not all the time: while the first chunks are
+        decoded, between batches and while the models are built. The audio decode (an ffmpeg process),
+        the log-mel, the text model's build and its forward fit in those gaps instead of running after
+        the visual pass. torch releases the GIL in its kernels, so the two threads overlap; the
+        features do not depend on it (each model runs its ops in its own thread, with the same
+        intra-op thread count). ``stop``: the shard is abandoned, return before the next video.
+        """
+        if "audio" in todo:
+            self._audio(job, todo["audio"], results["audio"], stop)
+        if "text" in todo and not stop.is_set():
+            self._text(job, todo["text"], results["text"], stop)
+
+    def _audio(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult],
+               stop: threading.Event | None = None) -> None:
         if not records:
             return
         ex = self.extractor("audio")
         scratch = self.scratch() / f"audio-{job.index:06d}"
         try:
             for r in records:
+                if stop is not None and stop.is_set():
+                    return
                 out[r.id] = self._audio_one(ex, r, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -374,7 +416,8 @@ class ExtractStage:
                 Path(name).unlink(missing_ok=True)
         return FieldResult(arrays={"feat.npy": feats})
 
-    def _text(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult]) -> None:
+    def _text(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult],
+              stop: threading.Event | None = None) -> None:
         caps = self.captions(job.index)
         with_text = [r for r in records if caps.get(r.id)]
         for r in records:
@@ -384,6 +427,8 @@ class ExtractStage:
             return
         ex = self.extractor("text")
         for r in with_text:
+            if stop is not None and stop.is_set():
+                return
             items = caps[r.id]
             try:
                 words, lengths = ex([c.text for c in items])

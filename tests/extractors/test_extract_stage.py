@@ -4,6 +4,8 @@ resumed: tests/test_faults.py."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +193,89 @@ def test_video_replaced_in_place_is_redone_after_a_rescan(tmp_path, cfr_mp4, sho
     assert read_record(ws.shard_record("video2d", a_id))["lineage"]["inputs"]["videos"] == plan[a_id].videos
     for f in ("video2d", "audio"):
         assert ws.shard_tar(f, b_id).read_bytes() == before[f]
+
+
+def test_audio_and_text_run_beside_the_visual_pass_and_write_the_same_bytes(extracted, videos, tmp_path, monkeypatch):
+    """Audio and text run in the ``extract-side`` thread while the visual pass is still running, and their
+    shards are byte for byte those of a run without visual fields (where they run inline)."""
+    from pipeline.extract import ExtractStage
+
+    seen: list[tuple[str, bool]] = []
+    visual_running = threading.Event()
+    visual, side = ExtractStage._visual, ExtractStage._side
+
+    def visual_spy(self, *args, **kwargs):
+        visual_running.set()
+        try:
+            return visual(self, *args, **kwargs)
+        finally:
+            visual_running.clear()
+
+    def side_spy(self, *args, **kwargs):
+        seen.append((threading.current_thread().name, visual_running.is_set()))
+        return side(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExtractStage, "_visual", visual_spy)
+    monkeypatch.setattr(ExtractStage, "_side", side_spy)
+    tmp = extracted[3]  # (its word vectors)
+    ws = Workspace(tmp_path / "ws")
+    cfg = load_config(None, overrides(tmp) + ["extract.fields=[video2d, audio, text]"])
+    scan(videos, ws, cfg.scan, progress=False)
+    run_extract(ws, cfg, progress=False)
+    jobs = shard_jobs(ws)
+    # a shard whose videos all failed at the scan has no visual pass: its audio and text run inline
+    beside = [any(r.ok for r in job.records) for job in jobs]
+    assert len(seen) == len(jobs) == 3 and any(beside)
+    for (name, during), expected in zip(seen, beside):
+        assert (name.startswith("extract-side") and during) if expected else name == threading.main_thread().name
+    alone = Workspace(tmp_path / "alone")
+    cfg_alone = load_config(None, overrides(tmp) + ["extract.fields=[audio, text]"])
+    scan(videos, alone, cfg_alone.scan, progress=False)
+    seen.clear()
+    run_extract(alone, cfg_alone, progress=False)
+    assert [name for name, _ in seen] == [threading.main_thread().name] * 3  # no visual pass: inline
+    for job in shard_jobs(ws):
+        for f in ("audio", "text"):
+            data = ws.shard_tar(f, job.index).read_bytes()
+            assert data == alone.shard_tar(f, job.index).read_bytes()
+
+
+def test_a_failure_beside_the_visual_pass_fails_the_shard_and_a_visual_failure_stops_it(videos, tmp_path,
+                                                                                        monkeypatch):
+    """An exception of the side thread is the shard's (nothing of it is written); an exception of the
+    visual pass stops the side thread before its next video."""
+    from pipeline.extract import ExtractStage
+
+    ws = Workspace(tmp_path / "ws")
+    cfg = load_config(None, overrides(tmp_path, shard_size=7) + ["extract.fields=[video2d, audio, text]"])
+    scan(videos, ws, cfg.scan, progress=False)
+
+    def broken_text(self, *args, **kwargs):
+        raise RuntimeError("text model exploded")
+
+    with monkeypatch.context() as m:
+        m.setattr(ExtractStage, "_text", broken_text)
+        with pytest.raises(RuntimeError, match="text model exploded"):
+            run_extract(ws, cfg, progress=False)
+    assert not any(ws.shard_tar(f, 0).exists() for f in ("video2d", "audio", "text"))
+
+    started, audio_calls = threading.Event(), []
+    audio_one = ExtractStage._audio_one
+
+    def slow_audio_one(self, *args, **kwargs):
+        audio_calls.append(args[1].id)
+        started.set()
+        time.sleep(0.3)  # the visual pass fails meanwhile
+        return audio_one(self, *args, **kwargs)
+
+    def failing_visual(self, records, todo, results, models_ready):
+        models_ready()
+        assert started.wait(60)
+        raise RuntimeError("visual pass exploded")
+
+    monkeypatch.setattr(ExtractStage, "_audio_one", slow_audio_one)
+    monkeypatch.setattr(ExtractStage, "_visual", failing_visual)
+    with pytest.raises(RuntimeError, match="visual pass exploded"):
+        run_extract(ws, cfg, progress=False)
+    assert len(audio_calls) == 1  # of the shard's 7 videos (5 with a scan that went well)
+    assert not any(ws.shard_tar(f, 0).exists() for f in ("video2d", "audio", "text"))
