@@ -60,8 +60,8 @@ PARTS: dict[str, Part] = {
     "kmeans": Part(limit_s=45, quick_limit_s=30),
     "train": Part(limit_s=120, quick_limit_s=45, extra=("--batch", "4096")),
     "extract": Part(limit_s=150, quick_limit_s=45,
-                    extra=("--size", "1280x720", "--seconds", "60", "--workers", "12",
-                           "--cache-dir", ".bench")),
+                    extra=("--size", "1280x720", "--seconds", "60", "--workers", "12", "--warm-videos", "16",
+                           "--precision", "bf16", "--cache-dir", ".bench")),
     "loader": Part(limit_s=60, quick_limit_s=30),
     "decode": Part(limit_s=90, quick_limit_s=30, extra=("--threads", "0"), video_flag="--video"),
 }
