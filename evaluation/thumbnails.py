@@ -16,6 +16,8 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+from extractors.subproc import run_tool
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FFMPEG_TIMEOUT_S", "clear_cache", "image_mime", "placeholder", "thumbnail"]
@@ -72,7 +74,7 @@ def _grab_frame(path: Path, t: float, width: int) -> bytes | None:
     cmd = [ffmpeg, "-nostdin", "-v", "error", "-ss", f"{t:.3f}", "-i", str(path), "-frames:v", "1", "-an",
            "-vf", f"scale={width}:-2", "-f", "image2pipe", "-vcodec", "mjpeg", "-"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
+        proc = run_tool(cmd, FFMPEG_TIMEOUT_S)  # (a hostile file that hangs ffmpeg: its group is killed)
     except (subprocess.TimeoutExpired, OSError) as exc:
         logger.warning("ffmpeg failed on %s at %.3fs: %s", path, t, exc)
         return None

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from extractors.libav import NO_AUDIO_EXIT, PYAV, child_command, resolve_tool
+from extractors.subproc import run_tool
 from store.lineage import RUNTIME
 
 logger = logging.getLogger(__name__)
@@ -818,15 +819,16 @@ def _ffmpeg_reason(stderr: str, path: Path, code: int) -> str:
 
 def _run(cmd: list[str], what: str, timeout_s: float, env: dict[str, str] | None = None
          ) -> subprocess.CompletedProcess:
-    """Run a subprocess with a time limit: on expiry it is killed (not abandoned) and DecodeTimeout
-    is raised."""
+    """Run a tool under :func:`extractors.subproc.run_tool` (its process group killed at the time
+    limit or when this thread is interrupted): DecodeTimeout after ``timeout_s``, DecodeError when it
+    cannot be started; its output as text."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout_s,
-                              errors="replace", env=env)
+        rc, out, err = run_tool(cmd, timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise DecodeTimeout(f"{what} timed out after {timeout_s:g} s (killed)") from None
     except OSError as exc:
         raise DecodeError(f"cannot run {what}: {exc}") from exc
+    return subprocess.CompletedProcess(cmd, rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def audio_tool(cfg: DecodeConfig) -> str:

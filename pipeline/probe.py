@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import stat
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from extractors.libav import PYAV, child_command, resolve_tool
+from extractors.subproc import kill_group, run_tool
 from pipeline.walk import display_path
 
 logger = logging.getLogger(__name__)
@@ -79,28 +79,16 @@ def _last_line(stderr: bytes | None, tool: str = FFPROBE) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL ffprobe and whatever it started (its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-
-
 def run_ffprobe(path: Path, timeout: float | None, running: Any = None, tool: str = FFPROBE) -> dict[str, Any]:
     """``ffprobe -show_format -show_streams -of json path`` as a dict; ProbeError on failure.
     ``tool="pyav"``: the same JSON fields from a PyAV child process (``extractors.libav probe``), run
     and killed the same way.
 
-    Hand-written rather than ffmpeg-python's ``ffmpeg.probe``, which has no timeout: a file that makes
-    ffprobe hang would keep its thread (and the process at exit) forever. Here ffprobe runs in its own
-    process group, which is killed (SIGKILL) when it runs past ``timeout`` seconds, so no process or
-    thread outlives the call. ``running`` (an object with ``add``/``discard``) is told of the process,
-    so that a caller that is interrupted can kill it.
+    Not ffmpeg-python's ``ffmpeg.probe``, which has no timeout: a file that makes ffprobe hang would
+    keep its thread (and the process at exit) forever. ffprobe runs under
+    :func:`extractors.subproc.run_tool`: its process group is killed (SIGKILL) when it runs past
+    ``timeout`` seconds, so no process or thread outlives the call. ``running`` (an object with
+    ``add``/``discard``) is told of the process, so that a caller that is interrupted can kill it.
     """
     label = _label(tool)
     env = None
@@ -109,28 +97,12 @@ def run_ffprobe(path: Path, timeout: float | None, running: Any = None, tool: st
     else:
         cmd = [FFPROBE, "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=env)
+        returncode, out, err = run_tool(cmd, timeout, env=env, running=running)
     except OSError as exc:
         raise ProbeUnavailable(f"cannot run {label} ({exc.strerror or exc})") from None
-    if running is not None:
-        running.add(proc)
-    try:
-        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
-        try:
-            proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:  # a grandchild that left the group still holds the pipes
-            proc.wait()
         raise ProbeTimeout(f"{label} timed out after {timeout:g} s") from None
-    finally:
-        if proc.poll() is None:  # interrupted (KeyboardInterrupt...): leave no process behind
-            kill_group(proc)
-            proc.wait()
-        if running is not None:
-            running.discard(proc)
-    if proc.returncode != 0:
+    if returncode != 0:
         raise ProbeError(f"{label}: {_last_line(err, tool)}")
     try:
         info = json.loads(out.decode("utf-8", "replace"))
