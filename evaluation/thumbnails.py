@@ -1,7 +1,8 @@
-"""Video thumbnails for the evaluation report: one JPEG frame per (video, time), via an ffmpeg subprocess.
+"""Video thumbnails for the evaluation report: one JPEG frame per (video, time), via an ffmpeg subprocess
+or, on a machine without the ffmpeg binary, a PyAV child process (``extractors.libav frame``).
 
-Never raises on bad media: a missing file, a file ffmpeg cannot decode, a time past the end or an ffmpeg
-that is not installed all give a generated grey placeholder PNG (and a warning in the log). Results,
+Never raises on bad media: a missing file, a file libav cannot decode, a time past the end or neither
+ffmpeg nor PyAV installed all give a generated grey placeholder PNG (and a warning in the log). Results,
 placeholders included, are cached per ``(path, mtime, size, t, width)`` in a bounded in-process LRU.
 """
 
@@ -16,6 +17,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+from extractors.libav import PYAV, child_command, resolve_tool
 from extractors.subproc import run_tool
 
 logger = logging.getLogger(__name__)
@@ -66,21 +68,27 @@ def placeholder(width: int = 160, height: int | None = None) -> bytes:
 
 
 def _grab_frame(path: Path, t: float, width: int) -> bytes | None:
-    """JPEG bytes of the frame at ``t`` seconds, or None (with a warning) when ffmpeg gives none."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        logger.warning("ffmpeg not found on PATH: placeholder thumbnail for %s", path)
+    """JPEG bytes of the frame at ``t`` seconds, or None (with a warning) when there is none.
+
+    ffmpeg when it is on PATH, else a PyAV child (``extractors.libav frame``), either under
+    ``run_tool``'s time limit and process-group kill (a hostile file that hangs libav is killed)."""
+    tool = resolve_tool("auto", "ffmpeg")
+    if tool == PYAV:
+        cmd, env = child_command("frame", str(path), f"{t:.3f}", str(width))
+    elif shutil.which("ffmpeg") is None:
+        logger.warning("neither ffmpeg nor PyAV found: placeholder thumbnail for %s", path)
         return None
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-ss", f"{t:.3f}", "-i", str(path), "-frames:v", "1", "-an",
-           "-vf", f"scale={width}:-2", "-f", "image2pipe", "-vcodec", "mjpeg", "-"]
+    else:
+        cmd, env = ["ffmpeg", "-nostdin", "-v", "error", "-ss", f"{t:.3f}", "-i", str(path), "-frames:v", "1",
+                    "-an", "-vf", f"scale={width}:-2", "-f", "image2pipe", "-vcodec", "mjpeg", "-"], None
     try:
-        proc = run_tool(cmd, FFMPEG_TIMEOUT_S)  # (a hostile file that hangs ffmpeg: its group is killed)
+        proc = run_tool(cmd, FFMPEG_TIMEOUT_S, env=env)
     except (subprocess.TimeoutExpired, OSError) as exc:
-        logger.warning("ffmpeg failed on %s at %.3fs: %s", path, t, exc)
+        logger.warning("%s failed on %s at %.3fs: %s", tool, path, t, exc)
         return None
     if proc.returncode != 0 or not proc.stdout.startswith(_JPEG_MAGIC):
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        logger.warning("no frame from %s at %.3fs (ffmpeg rc=%d%s)", path, t, proc.returncode,
+        logger.warning("no frame from %s at %.3fs (%s rc=%d%s)", path, t, tool, proc.returncode,
                        f": {err[-1]}" if err else "")
         return None
     return proc.stdout

@@ -1,8 +1,9 @@
 """The libav tools: the ``ffprobe`` / ``ffmpeg`` binaries, or PyAV in a child process where they are absent.
 
-Machines without the binaries (GPU nodes that cannot install them) probe videos and decode audio with
-PyAV. Both PyAV jobs run in a **child Python process** (``python -m extractors.libav probe|audio ...``)
-so that the callers keep one subprocess runner with its time limit and kill: a file that hangs libav
+Machines without the binaries (GPU nodes that cannot install them) probe videos, decode audio and grab
+the report's thumbnails with PyAV. The PyAV jobs run in a **child Python process** (``python -m extractors.libav probe|audio ...``)
+so that the callers keep one subprocess runner (``extractors.subproc.run_tool``) with its time limit
+and kill: a file that hangs libav
 is killed exactly like a hung ffprobe/ffmpeg, and no thread of the caller stays stuck inside libav.
 
 - ``probe PATH``: prints the part of ``ffprobe -show_format -show_streams -of json`` that the scan
@@ -12,6 +13,10 @@ is killed exactly like a hung ffprobe/ffmpeg, and no thread of the caller stays 
 - ``audio PATH OUT RATE``: decodes the first audio stream, downmixed to mono and resampled to ``RATE``
   Hz by ``av.AudioResampler`` (libswresample, as ffmpeg), streamed as float32 little-endian into
   ``OUT`` (bounded memory). Exit code :data:`NO_AUDIO_EXIT` when the file has no audio stream.
+- ``frame PATH T WIDTH``: the first video frame at or after ``T`` seconds, scaled to ``WIDTH`` pixels
+  (height by the frame's aspect, even, as ffmpeg's ``scale=WIDTH:-2``) and written to stdout as a
+  JPEG (libavcodec's mjpeg): what the report's thumbnails ask of ``ffmpeg -ss T -i PATH -frames:v 1``.
+  Unlike the ffmpeg binary it does not apply a rotation tag (a portrait phone video stays sideways).
 
 Errors: exit code 1 and a one-line reason as the last line of stderr (as the binaries do).
 
@@ -136,21 +141,56 @@ def decode_audio_to(path: str, out: str, rate: int) -> int:
     return n
 
 
+def even_height(width: int, src_width: int, src_height: int) -> int:
+    """ffmpeg's ``scale=WIDTH:-2`` height: the source aspect kept, rounded to the nearest even number."""
+    return max(2, int(width * src_height / (src_width * 2) + 0.5) * 2)
+
+
+def frame_jpeg(path: str, t: float, width: int) -> bytes:
+    """JPEG bytes of the first video frame of ``path`` at or after ``t`` seconds, ``width`` pixels wide
+    (see the module docstring). ValueError when the file has no video stream or no frame at ``t``."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        if t > 0 and stream.time_base:
+            container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+        chosen = None
+        for frame in container.decode(stream):
+            if frame.time is None or frame.time >= t - 1e-3:
+                chosen = frame
+                break
+        if chosen is None:
+            raise ValueError(f"no frame at {t:.3f} s")
+        height = even_height(width, chosen.width, chosen.height)
+        codec = av.CodecContext.create("mjpeg", "w")
+        codec.width, codec.height, codec.pix_fmt = width, height, "yuvj420p"
+        codec.time_base = Fraction(1, 25)
+        scaled = chosen.reformat(width=width, height=height, format="yuvj420p", interpolation="BICUBIC")
+        return b"".join(bytes(p) for p in (*codec.encode(scaled), *codec.encode(None)))
+
+
 def _reason(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``probe PATH`` | ``audio PATH OUT RATE``; exit code 0, NO_AUDIO_EXIT or 1 (reason on stderr)."""
+    """``probe PATH`` | ``audio PATH OUT RATE`` | ``frame PATH T WIDTH``; exit code 0, NO_AUDIO_EXIT or 1
+    (reason on stderr)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         if len(args) == 2 and args[0] == "probe":
             print(json.dumps(probe_json(args[1])))
         elif len(args) == 4 and args[0] == "audio":
             decode_audio_to(args[1], args[2], int(args[3]))
+        elif len(args) == 4 and args[0] == "frame":
+            sys.stdout.buffer.write(frame_jpeg(args[1], float(args[2]), int(args[3])))
         else:
-            print("usage: python -m extractors.libav probe PATH | audio PATH OUT RATE", file=sys.stderr)
+            print("usage: python -m extractors.libav probe PATH | audio PATH OUT RATE | frame PATH T WIDTH",
+                  file=sys.stderr)
             return 2
     except SystemExit:
         raise

@@ -152,7 +152,8 @@ def check_binaries(cfg: Config, env: Mapping[str, str]) -> list[Check]:
             "ffmpeg": "decodes audio (extract), clip thumbnails (report), demo videos"}
     setting = {"ffprobe": ("scan.probe_tool", cfg.scan.probe_tool),
                "ffmpeg": ("extract.decode.audio_tool", cfg.extract.decode.audio_tool)}
-    fallback = {"ffprobe": "the scan probes with PyAV", "ffmpeg": "extract decodes audio with PyAV"}
+    fallback = {"ffprobe": "the scan probes with PyAV",
+                "ffmpeg": "extract decodes audio and the report grabs thumbnails with PyAV"}
     out = []
     for name in ("ffmpeg", "ffprobe"):
         key, choice = setting[name]

@@ -151,7 +151,7 @@ def test_thumbnail_is_a_cached_jpeg(media, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("ffmpeg must not run again for a cached (path, t)")
 
-    monkeypatch.setattr(thumbnails.subprocess, "run", boom)
+    monkeypatch.setattr(thumbnails, "run_tool", boom)
     assert thumbnail(media["v0"], 1.0) is data
 
 

@@ -235,3 +235,35 @@ def test_hung_pyav_children_are_killed(tmp_path):
         decode_audio(fifo, DecodeConfig(audio_tool="pyav", audio_timeout_s=1.5), tmp_path / "work")
     assert 1.5 <= time.monotonic() - t0 < 15
     assert not list((tmp_path / "work").glob("audio-*"))
+
+
+def test_report_thumbnails_without_ffmpeg_are_pyav_frames(cfr_mp4, short_mp4, tmp_path, monkeypatch):
+    """Without the ffmpeg binary the report's thumbnails are JPEGs of the same frame from a PyAV child,
+    not placeholders: same size as ffmpeg's (``scale=160:-2``), same picture to scaling differences
+    (bicubic in both, libswscale), and a time past the end still gives the placeholder."""
+    import io
+
+    from PIL import Image
+
+    from evaluation import thumbnails
+
+    thumbnails.clear_cache()
+    with_ffmpeg = {t: thumbnails.thumbnail(cfr_mp4, t) for t in (0.0, 2.0, 3.5)}
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("ffmpeg") is None
+    thumbnails.clear_cache()
+    for t, ref in with_ffmpeg.items():
+        data = thumbnails.thumbnail(cfr_mp4, t)
+        assert data[:3] == b"\xff\xd8\xff" and data != ref  # a JPEG, and another encoder's bytes
+        got, want = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(ref))
+        assert got.format == "JPEG" and got.size == want.size == (160, 120)
+        a, b = np.asarray(got.convert("L"), float), np.asarray(want.convert("L"), float)
+        assert a.std() > 20  # testsrc: bars and a moving pattern, not a flat frame
+        assert np.abs(a - b).mean() < 2, (t, np.abs(a - b).mean())  # measured 0.29-0.34 grey levels
+    # the frame at 0 s and at 3.5 s differ (testsrc moves): the time is honoured
+    first, late = (np.asarray(Image.open(io.BytesIO(thumbnails.thumbnail(cfr_mp4, t))).convert("L"), float)
+                   for t in (0.0, 3.5))
+    assert np.abs(first - late).mean() > 2
+    assert thumbnails.thumbnail(short_mp4, 100.0).startswith(b"\x89PNG")  # past the end: placeholder

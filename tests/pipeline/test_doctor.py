@@ -135,7 +135,8 @@ def test_binaries_on_a_path_without_ffprobe(tmp_path, monkeypatch):
     # no ffmpeg: extract decodes audio with PyAV
     rows = {c.item: c for c in check_binaries(cfg, {"PATH": str(tmp_path / "empty")})}
     assert rows["ffmpeg"].status == WARN and rows["ffmpeg"].blocks == ()
-    assert rows["ffmpeg"].found.startswith("not on PATH: extract decodes audio with PyAV (extract.decode.audio_tool=auto)")
+    assert rows["ffmpeg"].found.startswith("not on PATH: extract decodes audio and the report grabs thumbnails "
+                                           "with PyAV (extract.decode.audio_tool=auto)")
     # the binary chosen explicitly: its absence blocks its stages
     cfg.scan.probe_tool, cfg.extract.decode.audio_tool = "ffprobe", "ffmpeg"
     rows = {c.item: c for c in check_binaries(cfg, {"PATH": str(bin_dir)})}
