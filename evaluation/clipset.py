@@ -42,7 +42,7 @@ class ClipSet:
 @dataclass
 class ClipSetConfig:
     audio_frames: int = 1000  # log-mel frames per clip (YouCook2: 5120, MSR-VTT: 3072 in the paper)
-    max_words: int = 20
+    max_words: int | None = None  # word rows per query, zero-padded or cut (None: as the text shards store them)
     max_clips: int | None = None  # keep the first N clips (None: all)
 
 
@@ -74,8 +74,9 @@ def build_clipset(features: FeatureSet, cfg: ClipSetConfig, video_ids: set[str] 
                 vec[:d2] = pool_video(v.video2d, s, e, rates.video2d)
                 vec[d2:] = pool_video(v.video3d, s, e, rates.video3d)
                 mel, nf = crop_audio(v.audio, s, e, rates.audio, cfg.audio_frames)
-                words = np.zeros((cfg.max_words, v.words.shape[2]), np.float16)
-                n = min(int(v.lengths[i]), cfg.max_words)
+                width = v.words.shape[1] if cfg.max_words is None else cfg.max_words
+                words = np.zeros((width, v.words.shape[2]), np.float16)
+                n = min(int(v.lengths[i]), width)
                 words[:n] = v.words[i, :n]
                 for key, val in (("ids", v.key), ("s", s), ("e", e), ("cap", v.captions[i]), ("video", vec),
                                  ("audio", mel), ("nf", nf), ("mask", v.audio is not None and nf > 0),

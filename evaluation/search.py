@@ -84,7 +84,7 @@ class SearchIndex:
     cache_dir: Path
     from_cache: bool = False
     problems: list[str] = field(default_factory=list)
-    max_words: int = 20
+    max_words: int = 20  # a query's word rows (from index.json; 20 for an index saved before it was)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -132,6 +132,7 @@ class SearchIndex:
             "ends": [float(x) for x in clips.ends],
             "captions": list(clips.captions),
             "problems": list(clips.problems),
+            "max_words": int(clips.text.shape[1]),  # a query's word rows: as the clips' captions
         }
         atomic.write_json(cache_dir / "index.json", meta)
         logger.info("search index: %d clips embedded and saved in %s", len(clips), cache_dir)
@@ -140,7 +141,7 @@ class SearchIndex:
             ends=np.asarray(clips.ends, np.float64), captions=list(clips.captions), video=arrays["video"],
             audio=arrays["audio"], audio_mask=arrays["audio_mask"], checkpoint=checkpoint,
             cache_dir=cache_dir, from_cache=False, problems=list(clips.problems),
-            max_words=cfg.max_words, model=model,
+            max_words=meta["max_words"], model=model,
         )
 
     @classmethod
@@ -168,7 +169,8 @@ class SearchIndex:
             ends=np.asarray(meta["ends"], np.float64), captions=[str(x) for x in meta["captions"]],
             video=arrays["video"], audio=arrays["audio"], audio_mask=np.asarray(arrays["audio_mask"]),
             checkpoint=Path(checkpoint), cache_dir=cache_dir, from_cache=True,
-            problems=list(meta.get("problems", [])), max_words=cfg.max_words, model=model,
+            problems=list(meta.get("problems", [])),
+            max_words=cfg.max_words or int(meta.get("max_words") or cls.max_words), model=model,
         )
 
     # ------------------------------------------------------------------------------ querying

@@ -10,7 +10,7 @@ are the set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,27 @@ class EvalSetConfig:
     # 1000); None: the clips evaluated (YouCook2, as the reference).
     n_total: int | None = None
     max_clips: int | None = None
+    # Words kept per caption (query) of a retrieval set with its own ``videos``: the set's text is
+    # extracted with this ``max_words`` (YouCook2 and MSR-VTT: 30 in the reference's loaders, see
+    # configs/paper.yaml); None: the ``extract.text`` setting (20), shared with training.
+    max_words: int | None = None
     steps: StepsConfig = field(default_factory=StepsConfig)  # step sets: audio windows, step words
+
+    def validate(self) -> None:
+        if self.max_words is not None:
+            if self.max_words < 1:
+                raise ValueError(f"evaluation set {self.name!r}: max_words must be >= 1, got {self.max_words}")
+            if self.videos is None or self.kind in STEP_KINDS:
+                raise ValueError(f"evaluation set {self.name!r}: max_words applies to a retrieval set with its own "
+                                 "videos (the main workspace's text is extracted once, for training)")
+
+    def lineage_dict(self) -> dict[str, Any]:
+        """The settings that enter the set's evaluation fingerprint: every field, ``max_words`` only
+        when it is set (sets configured before it existed keep their fingerprint)."""
+        out = asdict(self)
+        if out.get("max_words") is None:
+            out.pop("max_words", None)
+        return out
 
 
 @dataclass

@@ -58,6 +58,7 @@ def prepare_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, *, progress: bo
     """Scan + extract the set's videos into ``WS/evalsets/<name>`` (cached by lineage like the main
     workspace); returns the workspace whose features are the set, the problems found and the number
     of annotated queries (None when the set has no annotation file)."""
+    spec.validate()
     if spec.videos is None:
         return ws, [], None
     from pipeline.scan import scan
@@ -81,8 +82,17 @@ def prepare_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, *, progress: bo
                     else "are not evaluated (n_missing; recalls are over the clips evaluated)")
             problems.append(f"{len(missing)} annotated video id(s) not found among the videos "
                             f"(e.g. {', '.join(missing[:5])}); their queries {fate}")
-    run_extract(set_ws, cfg, progress=progress)
+    run_extract(set_ws, set_extract_config(cfg, spec), progress=progress)
     return set_ws, problems, n_annotated
+
+
+def set_extract_config(cfg: Config, spec: EvalSetConfig) -> Config:
+    """The config that extracts a set's own videos: ``cfg``, with the set's ``max_words`` (when it has
+    one) as the text extractor's ``max_words``."""
+    if spec.max_words is None:
+        return cfg
+    text = dataclasses.replace(cfg.extract.text, options={**cfg.extract.text.options, "max_words": spec.max_words})
+    return dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, text=text))
 
 
 def _path_identity(path: str | None) -> Any:
@@ -119,7 +129,7 @@ def eval_lineage(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckp
     if spec.kind in STEP_KINDS:
         inputs["annotations"] = fingerprint(_path_identity(spec.annotations), _path_identity(spec.tasks))
         inputs["text_extractor"] = fingerprint(extract_stage(ws, cfg).field_config("text"))
-    return Lineage(config=fingerprint(dataclasses.asdict(spec), ecfg), code=CODE_VERSION, inputs=inputs)
+    return Lineage(config=fingerprint(spec.lineage_dict(), ecfg), code=CODE_VERSION, inputs=inputs)
 
 
 def eval_state(ws: Workspace, name: str, lineage: Lineage) -> UnitState:
@@ -182,7 +192,8 @@ def retrieve_set(ws: Workspace, cfg: Config, spec: EvalSetConfig, name: str, ckp
     from model.checkpoint import load_mcn
 
     ecfg: EvaluateConfig = cfg.evaluate
-    clips = build_clipset(features, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips))
+    clips = build_clipset(features, ClipSetConfig(audio_frames=spec.audio_frames, max_clips=spec.max_clips,
+                                                  max_words=spec.max_words))
     problems = problems + clips.problems
     model = load_mcn(ckpt)
     emb = embed_clipset(model, clips, batch_size=ecfg.batch_size, device=resolve_device(ecfg.device))

@@ -225,7 +225,8 @@ def test_evaluate_bad_inputs(videos, extracted, checkpoint, tmp_path):
         for v in held}
     db["missing_video_1"] = {"subset": "validation", "annotations": [{"segment": [0, 2], "sentence": "x", "id": 0}]}
     yc.write_text(json.dumps({"database": db}))
-    sets = f"evaluate.sets=[{{name: yc2, kind: youcook2, videos: {videos / 'heldout'}, annotations: {yc}, audio_frames: 200}}]"
+    sets = (f"evaluate.sets=[{{name: yc2, kind: youcook2, videos: {videos / 'heldout'}, annotations: {yc}, "
+            "audio_frames: 200, max_words: 30}]")  # its text extracted with 30 words, as the reference
     proc = mcn("evaluate", "--checkpoint", str(checkpoint), "--set", "yc2", *common, sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((ws / "eval" / "yc2" / "metrics.json").read_text())
@@ -233,6 +234,13 @@ def test_evaluate_bad_inputs(videos, extracted, checkpoint, tmp_path):
     assert (metrics["n_annotated"], metrics["n_missing"]) == (5, 1)
     assert any("1 annotated video id(s) not found" in p for p in metrics["problems"])
     assert metrics["retrieval"]["text_to_video"]["R@10"] == 1.0  # 4 candidates: every rank < 10
+    from store.reader import iter_samples
+
+    def word_rows(w: Workspace) -> set[int]:
+        return {s["words.npy"].shape[1] for i in w.shard_indices("text") for s in iter_samples(w.shard_tar("text", i))
+                if "words.npy" in s}
+
+    assert word_rows(Workspace(ws).evalset("yc2")) == {30} and word_rows(Workspace(ws)) == {20}
 
 
 def test_crosstask_localization_and_search_from_the_cli(videos, extracted, checkpoint, tmp_path):

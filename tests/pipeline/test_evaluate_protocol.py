@@ -76,3 +76,44 @@ def test_clips_cut_by_max_clips_are_not_missing(three_clips) -> None:
     # a set without an annotation file reports no n_annotated / n_missing
     metrics, _ = evaluate(three_clips, EvalSetConfig(name="plain"), None)
     assert "n_missing" not in metrics and metrics["n_total"] == 3
+
+
+def test_query_words_keep_the_stored_width_or_the_sets_max_words(three_clips) -> None:
+    """A set's queries keep the word rows its text shards store (the set's own ``max_words`` when its
+    text was extracted with one), zero-padded; a narrower ``max_words`` cuts them."""
+    from evaluation.clipset import ClipSetConfig, build_clipset
+    from tests.model.conftest import MAX_WORDS
+
+    ws, _ = three_clips
+    stored = build_clipset(open_features(ws), ClipSetConfig())
+    assert stored.text.shape == (3, MAX_WORDS, DW)
+    wide = build_clipset(open_features(ws), ClipSetConfig(max_words=MAX_WORDS + 10))
+    assert wide.text.shape == (3, MAX_WORDS + 10, DW)
+    np.testing.assert_array_equal(wide.text[:, :MAX_WORDS], stored.text)
+    assert not wide.text[:, MAX_WORDS:].any()
+    narrow = build_clipset(open_features(ws), ClipSetConfig(max_words=1))
+    assert narrow.text.shape == (3, 1, DW) and narrow.text_len.tolist() == [1, 1, 1]
+    np.testing.assert_array_equal(narrow.text[:, 0], stored.text[:, 0])
+
+
+def test_a_sets_max_words_is_its_text_extraction_and_enters_its_lineage_only_when_set(tmp_path) -> None:
+    import dataclasses
+
+    from pipeline.evaluate import set_extract_config
+
+    cfg = Config()
+    plain = EvalSetConfig(name="yc", kind="youcook2", videos=str(tmp_path))
+    assert set_extract_config(cfg, plain) is cfg
+    assert plain.lineage_dict() == {k: v for k, v in dataclasses.asdict(plain).items() if k != "max_words"}
+    wide = EvalSetConfig(name="yc", kind="youcook2", videos=str(tmp_path), max_words=30)
+    wide.validate()
+    set_cfg = set_extract_config(cfg, wide)
+    assert set_cfg.extract.text.options["max_words"] == 30 and set_cfg.extract.text.name == cfg.extract.text.name
+    assert "max_words" not in cfg.extract.text.options  # the main config is untouched
+    assert set_cfg.extract.video2d == cfg.extract.video2d and set_cfg.scan == cfg.scan
+    assert wide.lineage_dict()["max_words"] == 30 and wide.lineage_dict() != plain.lineage_dict()
+    for bad, match in ((EvalSetConfig(name="w", max_words=30), "own videos"),
+                       (EvalSetConfig(name="c", kind="crosstask", videos=str(tmp_path), max_words=30), "own videos"),
+                       (EvalSetConfig(name="z", videos=str(tmp_path), max_words=0), ">= 1")):
+        with pytest.raises(ValueError, match=match):
+            bad.validate()
