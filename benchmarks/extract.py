@@ -429,7 +429,7 @@ def main() -> None:
                     help="visual decode backend of the stage and of the models' pre-decode (default decord)")
     ap.add_argument("--workers", type=int, default=None,
                     help="decode worker processes of the stage (default: the config default, "
-                    "extract.workers.num_workers = 2)")
+                    "extract.workers.num_workers: the CPUs but one, at least 2, started on demand)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (extract.torch_threads; default 0 = torch's default)")
     ap.add_argument("--decode-threads", type=int, default=1, help="decoder threads of the decode part "

@@ -59,15 +59,32 @@ class Event:
 class WorkerConfig:
     """Pool settings."""
 
-    num_workers: int = field(default=2, metadata=RUNTIME)  # 0: run in-process (debugging; no timeout, no crash isolation)
+    # The most workers (0: run in-process: debugging, no timeout, no crash isolation). They start on
+    # demand (ramp_wait_s), so the default is every CPU this process may use but one, at least 2.
+    num_workers: int = field(default_factory=lambda: default_workers(), metadata=RUNTIME)
     timeout_s: float = field(default=600.0, metadata=RUNTIME)  # a task making no progress (no item produced) for this long is killed
     max_tasks_per_worker: int = field(default=50, metadata=RUNTIME)  # recycle workers (decord leaks)
     queue_size: int = field(default=4, metadata=RUNTIME)  # items a worker may produce ahead of the consumer (backpressure)
+    # Workers start on demand: one first, then one more whenever the consumer has waited this long
+    # (seconds) for an item while every running worker was busy and one of them was up. A consumer
+    # slower than one worker (CPU models) keeps one worker; a fast one (a GPU) gets up to
+    # num_workers. 0: start num_workers at once.
+    ramp_wait_s: float = field(default=0.5, metadata=RUNTIME)
 
     def validate(self) -> None:
         if (self.num_workers < 0 or self.timeout_s <= 0 or self.max_tasks_per_worker < 1
-                or self.queue_size < 1):
+                or self.queue_size < 1 or self.ramp_wait_s < 0):
             raise ValueError(f"invalid worker config {self}")
+
+
+def default_workers() -> int:
+    """The default number of workers: the CPUs this process may run on (its affinity: what SLURM or a
+    container's cpuset allows, not the whole machine) minus one for the consumer, at least 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(2, cpus - 1)
 
 
 def _reason(exc: BaseException) -> str:
@@ -181,11 +198,13 @@ class WorkerPool(Generic[T]):
 
     def start(self, n_tasks: int | None = None) -> WorkerPool[T]:
         """Start the workers now, idle, instead of at the first task (only as many as ``n_tasks`` can
-        use): a spawned worker first imports ``fn``'s module (torch: seconds), which the caller can
-        overlap with its own set-up."""
+        use; one when they start on demand, ``ramp_wait_s``): a spawned worker first imports ``fn``'s
+        module (torch: seconds), which the caller can overlap with its own set-up."""
         if self._closed:
             raise RuntimeError("WorkerPool is closed")
         n = len(self._workers) if n_tasks is None else min(len(self._workers), n_tasks)
+        if self.cfg.ramp_wait_s > 0:
+            n = min(n, 1)
         for slot in range(n):
             if self._workers[slot] is None:
                 self._workers[slot] = self._start()
@@ -231,11 +250,16 @@ class WorkerPool(Generic[T]):
         self._running = True
         pending = enumerate(tasks)
         exhausted = False
+        ramp = self.cfg.ramp_wait_s > 0
+        grow = False  # on demand (ramp): the consumer waited, one more worker may start
         try:
             while not self._closed:
-                # 1. give every idle slot a task (starting or replacing its worker as needed)
+                # 1. give every idle worker a task; start a worker in an empty slot when none runs, or
+                #    when it is wanted (ramp), or always (no ramp)
                 for slot in range(len(self._workers)):
                     w = self._workers[slot]
+                    if w is None and ramp and not grow and any(o is not None for o in self._workers):
+                        continue
                     while not exhausted and (w is None or w.task is None):
                         nxt = next(pending, None)
                         if nxt is None:
@@ -243,6 +267,7 @@ class WorkerPool(Generic[T]):
                             break
                         if w is None:
                             w = self._workers[slot] = self._start()
+                            grow = False
                         reason = self._assign(w, *nxt)
                         if reason is not None:  # the task cannot be sent (pickling): next task
                             yield Event(nxt[0], "error", reason)
@@ -251,12 +276,19 @@ class WorkerPool(Generic[T]):
                 busy = [w for w in self._workers if w is not None and w.task is not None]
                 if not busy:
                     return
-                # 2. wait for a message, a death, or the earliest timeout
+                # 2. wait for a message, a death, or the earliest timeout (or, while a slot is free
+                #    and a worker is up, ramp_wait_s: waiting that long means one more is wanted)
                 now = time.monotonic()
-                wait_s = min(w.progress_at + self.cfg.timeout_s - now for w in busy)
+                wait_s = min(min(w.progress_at + self.cfg.timeout_s - now for w in busy), _MAX_WAIT_S)
+                may_grow = (ramp and not exhausted and None in self._workers and any(w.started for w in busy)
+                            and all(o is None or o.task is not None for o in self._workers))
+                if may_grow:
+                    wait_s = min(wait_s, self.cfg.ramp_wait_s)
                 objects: list[Any] = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
-                ready = set(mpc.wait(objects, timeout=min(max(wait_s, 0.0), _MAX_WAIT_S)))
+                ready = set(mpc.wait(objects, timeout=max(wait_s, 0.0)))
                 now = time.monotonic()
+                if may_grow and not ready:
+                    grow = True
                 # 3. timeouts, judged right after the wait (no consumer time in between)
                 for w in busy:
                     if w.conn in ready or w.proc.sentinel in ready:

@@ -69,6 +69,14 @@ def child_then_hang(task: int) -> Iterator[int]:
     time.sleep(3600)
 
 
+def paced_items(task: tuple[int, float]) -> Iterator[int]:
+    """Yields the worker's pid ``n`` times, each after ``delay`` seconds of "decoding"."""
+    n, delay = task
+    for _ in range(n):
+        time.sleep(delay)
+        yield os.getpid()
+
+
 def decode_video(path: str) -> Iterator[tuple[int, int]]:
     """The extract stage's use: decode in the worker, send chunk sizes back."""
     from extractors.decode import DecodeConfig, iter_visual
@@ -247,3 +255,31 @@ def test_invalid_config_is_rejected() -> None:
         WorkerPool(count_items, WorkerConfig(num_workers=-1))
     with pytest.raises(ValueError):
         WorkerPool(count_items, WorkerConfig(queue_size=0))
+    with pytest.raises(ValueError):
+        WorkerPool(count_items, WorkerConfig(ramp_wait_s=-1))
+
+
+def test_workers_start_on_demand() -> None:
+    """One worker first; more only while the consumer waits for items (up to num_workers)."""
+    cfg = WorkerConfig(num_workers=3, timeout_s=60, ramp_wait_s=0.3)
+    # a consumer slower than its worker (the models on a CPU): the one worker keeps it fed
+    with WorkerPool(paced_items, cfg) as pool:
+        pool.start(6)
+        assert len(multiprocessing.active_children()) == 1
+        pids = []
+        for ev in pool.run([(3, 0.0)] * 6):
+            if ev.kind == "item":
+                pids.append(ev.payload)
+                time.sleep(0.05)
+    assert len(pids) == 18 and len(set(pids)) == 1
+    # a consumer faster than one worker (a GPU): it waits, so the pool grows to num_workers
+    with WorkerPool(paced_items, cfg) as pool:
+        events = list(pool.run([(2, 0.5)] * 6))
+    pids = [ev.payload for ev in events if ev.kind == "item"]
+    assert len(pids) == 12 and [ev.kind for ev in events].count("done") == 6
+    assert len(set(pids)) == 3
+    # ramp_wait_s 0: every worker starts at once, as before
+    with WorkerPool(paced_items, WorkerConfig(num_workers=3, timeout_s=60, ramp_wait_s=0)) as pool:
+        pool.start(6)
+        assert len(multiprocessing.active_children()) == 3
+    assert multiprocessing.active_children() == []
