@@ -43,6 +43,9 @@ _POLL_S = 1.0  # worker: how often an idle worker checks that its parent is aliv
 _MAX_WAIT_S = 5.0  # parent: longest single wait between checks
 _STOP_JOIN_S = 5.0  # parent: grace period for a worker asked to stop before it is killed
 _STARTUP_S = 60.0  # parent: time a fresh worker gets to start (imports) on top of timeout_s
+_STARVED_SHARE = 0.25  # parent (ramp): the share of the time waited for items that asks for one more worker
+_RAMP_WINDOW = 20.0  # parent (ramp): waits older than this many ramp_wait_s, without a start, are forgotten
+_RAMP_STALL = 5.0  # parent (ramp): a worker silent this many ramp_wait_s before any item counts as a wait
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,10 @@ class WorkerConfig:
     timeout_s: float = field(default=600.0, metadata=RUNTIME)  # a task making no progress (no item produced) for this long is killed
     max_tasks_per_worker: int = field(default=50, metadata=RUNTIME)  # recycle workers (decord leaks)
     queue_size: int = field(default=4, metadata=RUNTIME)  # items a worker may produce ahead of the consumer (backpressure)
-    # Workers start on demand: one first, then one more whenever the consumer has waited this long
-    # (seconds) for an item while every running worker was busy and one of them was up. A consumer
-    # slower than one worker (CPU models) keeps one worker; a fast one (a GPU) gets up to
-    # num_workers. 0: start num_workers at once.
+    # Workers start on demand: one first, then, once items flow, one more each time the consumer has
+    # waited this long in all (seconds) for items, for at least a quarter of the time since the last
+    # start, while every running worker was busy. A consumer slower than one worker (CPU models)
+    # keeps one worker; a fast one (a GPU) gets up to num_workers. 0: start num_workers at once.
     ramp_wait_s: float = field(default=0.5, metadata=RUNTIME)
 
     def validate(self) -> None:
@@ -192,6 +195,7 @@ class WorkerPool(Generic[T]):
         self._workers: list[_Worker | None] = [None] * cfg.num_workers
         self._running = False
         self._closed = False
+        self._n_items = 0  # items received (ramp: waits count once the first has come)
 
     def __enter__(self) -> WorkerPool[T]:
         return self
@@ -252,6 +256,7 @@ class WorkerPool(Generic[T]):
         exhausted = False
         ramp = self.cfg.ramp_wait_s > 0
         grow = False  # on demand (ramp): the consumer waited, one more worker may start
+        starved, since = 0.0, None  # (ramp) time waited for items since `since` (the last start)
         try:
             while not self._closed:
                 # 1. give every idle worker a task; start a worker in an empty slot when none runs, or
@@ -267,7 +272,7 @@ class WorkerPool(Generic[T]):
                             break
                         if w is None:
                             w = self._workers[slot] = self._start()
-                            grow = False
+                            grow, starved, since = False, 0.0, None
                         reason = self._assign(w, *nxt)
                         if reason is not None:  # the task cannot be sent (pickling): next task
                             yield Event(nxt[0], "error", reason)
@@ -276,19 +281,27 @@ class WorkerPool(Generic[T]):
                 busy = [w for w in self._workers if w is not None and w.task is not None]
                 if not busy:
                     return
-                # 2. wait for a message, a death, or the earliest timeout (or, while a slot is free
-                #    and a worker is up, ramp_wait_s: waiting that long means one more is wanted)
+                # 2. wait for a message, a death, or the earliest timeout (no longer than ramp_wait_s
+                #    while a slot is free and a worker is up: the time waited may ask for one more)
                 now = time.monotonic()
                 wait_s = min(min(w.progress_at + self.cfg.timeout_s - now for w in busy), _MAX_WAIT_S)
-                may_grow = (ramp and not exhausted and None in self._workers and any(w.started for w in busy)
+                # (not before the first item: the first worker's start and first decode are latency,
+                # not a consumer faster than its workers; unless a running task is stuck before it)
+                stalled = any(w.started and now - w.progress_at >= _RAMP_STALL * self.cfg.ramp_wait_s for w in busy)
+                may_grow = (ramp and (self._n_items > 0 or stalled) and not exhausted and None in self._workers
                             and all(o is None or o.task is not None for o in self._workers))
                 if may_grow:
                     wait_s = min(wait_s, self.cfg.ramp_wait_s)
                 objects: list[Any] = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
                 ready = set(mpc.wait(objects, timeout=max(wait_s, 0.0)))
-                now = time.monotonic()
-                if may_grow and not ready:
-                    grow = True
+                t_waited, now = now, time.monotonic()
+                if may_grow:
+                    since = t_waited if since is None else since
+                    starved += now - t_waited
+                    if starved >= self.cfg.ramp_wait_s and starved >= _STARVED_SHARE * (now - since):
+                        grow = True
+                    elif now - since > _RAMP_WINDOW * self.cfg.ramp_wait_s:  # fed: forget old waits
+                        starved, since = 0.0, now
                 # 3. timeouts, judged right after the wait (no consumer time in between)
                 for w in busy:
                     if w.conn in ready or w.proc.sentinel in ready:
@@ -368,6 +381,7 @@ class WorkerPool(Generic[T]):
             w.progress_at = time.monotonic()
         elif kind == "item":
             w.progress_at = time.monotonic()
+            self._n_items += 1
             yield Event(index, "item", payload)
             try:  # the consumer took it: return the credit
                 w.conn.send(("ack",))

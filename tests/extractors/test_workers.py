@@ -77,6 +77,14 @@ def paced_items(task: tuple[int, float]) -> Iterator[int]:
         yield os.getpid()
 
 
+def silent_hang_or_count(task: str) -> Iterator[str]:
+    """``"hang"``: hangs before its first item (a file that stalls the decoder at open)."""
+    if task == "hang":
+        time.sleep(3600)
+    for i in range(2):
+        yield f"{task}-{i}"
+
+
 def decode_video(path: str) -> Iterator[tuple[int, int]]:
     """The extract stage's use: decode in the worker, send chunk sizes back."""
     from extractors.decode import DecodeConfig, iter_visual
@@ -278,6 +286,24 @@ def test_workers_start_on_demand() -> None:
     pids = [ev.payload for ev in events if ev.kind == "item"]
     assert len(pids) == 12 and [ev.kind for ev in events].count("done") == 6
     assert len(set(pids)) == 3
+    # many short waits count too: one worker making an item every 0.2 s never leaves a gap of
+    # ramp_wait_s, but the consumer waits nearly all the time
+    with WorkerPool(paced_items, cfg) as pool:
+        events = list(pool.run([(4, 0.2)] * 6))
+    pids = [ev.payload for ev in events if ev.kind == "item"]
+    assert len(pids) == 24 and len(set(pids)) > 1
+    # a first task stuck before any item does not hold the others until its timeout: after
+    # _RAMP_STALL x ramp_wait_s of silence another worker starts and takes them
+    t0 = time.monotonic()
+    with WorkerPool(silent_hang_or_count, WorkerConfig(num_workers=2, timeout_s=30, ramp_wait_s=0.3)) as pool:
+        seen = []
+        for ev in pool.run(["hang", "a", "b"]):
+            seen.append((ev.task_index, ev.kind, time.monotonic() - t0))
+            if ev.task_index == 2 and ev.kind == "done":
+                break
+    assert [(i, k) for i, k, _ in seen] == [(1, "item"), (1, "item"), (1, "done"), (2, "item"), (2, "item"),
+                                            (2, "done")]
+    assert seen[-1][2] < 20  # long before the hung task's 30 s timeout
     # ramp_wait_s 0: every worker starts at once, as before
     with WorkerPool(paced_items, WorkerConfig(num_workers=3, timeout_s=60, ramp_wait_s=0)) as pool:
         pool.start(6)
