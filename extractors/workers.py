@@ -68,9 +68,9 @@ class WorkerConfig:
     timeout_s: float = field(default=600.0, metadata=RUNTIME)  # a task making no progress (no item produced) for this long is killed
     max_tasks_per_worker: int = field(default=50, metadata=RUNTIME)  # recycle workers (decord leaks)
     queue_size: int = field(default=4, metadata=RUNTIME)  # items a worker may produce ahead of the consumer (backpressure)
-    # Workers start on demand: one first, then, once items flow, one more each time the consumer has
-    # waited this long in all (seconds) for items, for at least a quarter of the time since the last
-    # start, while every running worker was busy. A consumer slower than one worker (CPU models)
+    # Workers start on demand: one first, then, once items flow, twice as many each time the consumer
+    # has waited this long in all (seconds) for items, for at least a quarter of the time since the
+    # last start, while every running worker was busy. A consumer slower than one worker (CPU models)
     # keeps one worker; a fast one (a GPU) gets up to num_workers. 0: start num_workers at once.
     ramp_wait_s: float = field(default=0.5, metadata=RUNTIME)
 
@@ -255,7 +255,7 @@ class WorkerPool(Generic[T]):
         pending = enumerate(tasks)
         exhausted = False
         ramp = self.cfg.ramp_wait_s > 0
-        grow = False  # on demand (ramp): the consumer waited, one more worker may start
+        grow = 0  # on demand (ramp): the consumer waited, so many more workers may start
         starved, since = 0.0, None  # (ramp) time waited for items since `since` (the last start)
         try:
             while not self._closed:
@@ -263,7 +263,7 @@ class WorkerPool(Generic[T]):
                 #    when it is wanted (ramp), or always (no ramp)
                 for slot in range(len(self._workers)):
                     w = self._workers[slot]
-                    if w is None and ramp and not grow and any(o is not None for o in self._workers):
+                    if w is None and ramp and grow <= 0 and any(o is not None for o in self._workers):
                         continue
                     while not exhausted and (w is None or w.task is None):
                         nxt = next(pending, None)
@@ -272,7 +272,7 @@ class WorkerPool(Generic[T]):
                             break
                         if w is None:
                             w = self._workers[slot] = self._start()
-                            grow, starved, since = False, 0.0, None
+                            grow, starved, since = grow - 1, 0.0, None
                         reason = self._assign(w, *nxt)
                         if reason is not None:  # the task cannot be sent (pickling): next task
                             yield Event(nxt[0], "error", reason)
@@ -299,7 +299,7 @@ class WorkerPool(Generic[T]):
                     since = t_waited if since is None else since
                     starved += now - t_waited
                     if starved >= self.cfg.ramp_wait_s and starved >= _STARVED_SHARE * (now - since):
-                        grow = True
+                        grow = sum(o is not None for o in self._workers)  # double: a GPU node ramps in a few steps
                     elif now - since > _RAMP_WINDOW * self.cfg.ramp_wait_s:  # fed: forget old waits
                         starved, since = 0.0, now
                 # 3. timeouts, judged right after the wait (no consumer time in between)
