@@ -171,7 +171,7 @@ class VisualConfig:
         ``fp32``; old ``true``/``false`` mean ``auto``/``fp32`` (see extractors.precision). Runtime-only:
         the precision it resolves to on the device is part of ``describe()``, hence of fingerprints.
     fold_bn: fold every BatchNorm into the convolution before it for inference (extractors.fold):
-        1.03–1.16× faster, the same features to float32 rounding. It changes the features' bytes, so
+        1.09–1.20× faster, the same features to float32 rounding. It changes the features' bytes, so
         it is part of the fingerprint; ``false`` runs the trunk exactly as loaded.
     """
 

@@ -2,9 +2,9 @@
 
 At inference a BatchNorm after a convolution is an affine map per channel, so it can be folded into
 that convolution's weights and bias (``w' = w·γ/σ``, ``b' = (b − μ)·γ/σ + β``). That removes one
-full read and write of every activation map: measured on the 2-core CPU (60 frames 224×398 and 24
-3D windows, channels-last), ResNet-152 runs 1.14× faster in fp32 and 1.03× in bf16 autocast, and
-ResNeXt-101 3D 1.16× and 1.12× (BENCHMARKS.md "BatchNorm folding").
+full read and write of every activation map: on the 2-core CPU (``benchmarks/fold.py``), ResNet-152
+runs 1.16× faster in fp32 and 1.09× in bf16 autocast, ResNeXt-101 3D 1.20× and 1.10×
+(BENCHMARKS.md, "BatchNorm folding").
 
 The folding is torch.fx's ``torch.fx.experimental.optimization.fuse`` (graph pattern conv → bn, only
 where the convolution's output feeds nothing else), not a hand-written walk over module names. It is

@@ -1,10 +1,10 @@
 """The libav tools: the ``ffprobe`` / ``ffmpeg`` binaries, or PyAV in a child process where they are absent.
 
 Machines without the binaries (GPU nodes that cannot install them) probe videos, decode audio and grab
-the report's thumbnails with PyAV. The PyAV jobs run in a **child Python process** (``python -m extractors.libav probe|audio ...``)
-so that the callers keep one subprocess runner (``extractors.subproc.run_tool``) with its time limit
-and kill: a file that hangs libav
-is killed exactly like a hung ffprobe/ffmpeg, and no thread of the caller stays stuck inside libav.
+the report's thumbnails with PyAV. The PyAV jobs run in a **child Python process** (``python -m
+extractors.libav probe|audio|frame ...``) so that the callers keep one subprocess runner
+(``extractors.subproc.run_tool``) with its time limit and kill: a file that hangs libav is killed
+exactly like a hung ffprobe/ffmpeg, and no thread of the caller stays stuck inside libav.
 
 - ``probe PATH``: prints the part of ``ffprobe -show_format -show_streams -of json`` that the scan
   reads (``streams[]``: codec_type, codec_name, width, height, avg_frame_rate, r_frame_rate,

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["ToolResult", "kill_group", "run_tool"]
 
@@ -29,25 +29,12 @@ class _Registry(Protocol):
     def discard(self, proc: subprocess.Popen) -> None: ...
 
 
-class ToolResult(tuple):
-    """``(returncode, stdout, stderr)``, the output as bytes."""
+class ToolResult(NamedTuple):
+    """What a tool left: its exit code and its output, as bytes."""
 
-    __slots__ = ()
-
-    def __new__(cls, returncode: int, stdout: bytes, stderr: bytes) -> "ToolResult":
-        return super().__new__(cls, (returncode, stdout, stderr))
-
-    @property
-    def returncode(self) -> int:
-        return self[0]
-
-    @property
-    def stdout(self) -> bytes:
-        return self[1]
-
-    @property
-    def stderr(self) -> bytes:
-        return self[2]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -58,13 +58,23 @@ class Event:
     transient: bool = False  # an "error" that says nothing about the file: a timeout or a worker's death
 
 
+def default_workers() -> int:
+    """The default number of workers: the CPUs this process may run on (its affinity: what SLURM or a
+    container's cpuset allows, not the whole machine) minus one for the consumer, at least 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(2, cpus - 1)
+
+
 @dataclass
 class WorkerConfig:
     """Pool settings."""
 
     # The most workers (0: run in-process: debugging, no timeout, no crash isolation). They start on
     # demand (ramp_wait_s), so the default is every CPU this process may use but one, at least 2.
-    num_workers: int = field(default_factory=lambda: default_workers(), metadata=RUNTIME)
+    num_workers: int = field(default_factory=default_workers, metadata=RUNTIME)
     timeout_s: float = field(default=600.0, metadata=RUNTIME)  # a task making no progress (no item produced) for this long is killed
     max_tasks_per_worker: int = field(default=50, metadata=RUNTIME)  # recycle workers (decord leaks)
     queue_size: int = field(default=4, metadata=RUNTIME)  # items a worker may produce ahead of the consumer (backpressure)
@@ -79,15 +89,6 @@ class WorkerConfig:
                 or self.queue_size < 1 or self.ramp_wait_s < 0):
             raise ValueError(f"invalid worker config {self}")
 
-
-def default_workers() -> int:
-    """The default number of workers: the CPUs this process may run on (its affinity: what SLURM or a
-    container's cpuset allows, not the whole machine) minus one for the consumer, at least 2."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 2
-    return max(2, cpus - 1)
 
 
 def _reason(exc: BaseException) -> str:

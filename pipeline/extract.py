@@ -378,14 +378,14 @@ class ExtractStage:
             self._text(job, todo["text"], results["text"], stop)
 
     def _audio(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult],
-               stop: threading.Event | None = None) -> None:
+               stop: threading.Event) -> None:
         if not records:
             return
         ex = self.extractor("audio")
         scratch = self.scratch() / f"audio-{job.index:06d}"
         try:
             for r in records:
-                if stop is not None and stop.is_set():
+                if stop.is_set():
                     return
                 out[r.id] = self._audio_one(ex, r, scratch)
         finally:
@@ -417,7 +417,7 @@ class ExtractStage:
         return FieldResult(arrays={"feat.npy": feats})
 
     def _text(self, job: ShardJob, records: list[VideoRecord], out: dict[str, FieldResult],
-              stop: threading.Event | None = None) -> None:
+              stop: threading.Event) -> None:
         caps = self.captions(job.index)
         with_text = [r for r in records if caps.get(r.id)]
         for r in records:
@@ -427,7 +427,7 @@ class ExtractStage:
             return
         ex = self.extractor("text")
         for r in with_text:
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 return
             items = caps[r.id]
             try:
