@@ -237,7 +237,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"extract.{f}.options.amp={args.precision}")
     if args.workers is not None:
         out.append(f"extract.workers.num_workers={args.workers}")
-    return out
+    return out + list(args.set)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +408,8 @@ def run_part(name: str, args: argparse.Namespace, videos: Path, precision: str =
            "--warm-videos", str(args.warm_videos)]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
+    for override in args.set:
+        cmd += ["--set", override]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         print(f"{name}: FAILED (exit {res.returncode})\n{res.stderr[-3000:]}", file=sys.stderr)
@@ -430,6 +432,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None,
                     help="decode worker processes of the stage (default: the config default, "
                     "extract.workers.num_workers: the CPUs but one, at least 2, started on demand)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the stage and the models (repeatable), e.g. "
+                    "extract.workers.ramp_wait_s=0")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (extract.torch_threads; default 0 = torch's default)")
     ap.add_argument("--decode-threads", type=int, default=1, help="decoder threads of the decode part "
