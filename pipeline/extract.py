@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,11 +184,25 @@ class ExtractStage:
         self._captions: dict[int, dict] = {}
         self._described: dict[str, dict[str, Any]] = {}
         self._field_fp: dict[str, tuple[str, str]] = {}  # field → (config fingerprint, code version)
+        self._pool: WorkerPool | None = None  # the decode workers, kept from shard to shard (close())
         for f in self.fields:
             spec: ExtractorSpec = getattr(cfg, f)
             cls = get_extractor(spec.name)
             if cls.field != f:
                 raise ValueError(f"extractor {spec.name!r} produces {cls.field!r} features, not {f!r}")
+
+    def close(self) -> None:
+        """Stop the decode workers (they are kept from one shard to the next). The stage stays usable:
+        a later shard starts new ones."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+    def __enter__(self) -> ExtractStage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- extractors -------------------------------------------------------------------------------
     def options(self, f: str) -> dict[str, Any]:
@@ -312,14 +327,17 @@ class ExtractStage:
         errors: dict[int, FieldResult] = {}
         warnings: dict[int, list[str]] = {}
         tasks = [(str(self.videos_root / r.path), self.cfg.decode) for r in records]
-        with WorkerPool(visual_task, self.cfg.workers) as pool:
-            pool.start(len(tasks))  # the workers start (import torch) while the models are built
-            batchers: dict[str, _Batcher] = {}
-            for f in todo:
-                ex = self.extractor(f)
-                batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
-            models_ready()
-            for ev in pool.run(tasks):
+        if self._pool is None:
+            self._pool = WorkerPool(visual_task, self.cfg.workers)
+        pool = self._pool
+        pool.start(len(tasks))  # a first worker starts (imports torch) while the models are built
+        batchers: dict[str, _Batcher] = {}
+        for f in todo:
+            ex = self.extractor(f)
+            batchers[f] = _Batcher(ex, ex.config.batch_size, f"{f} model")
+        models_ready()
+        with closing(pool.run(tasks)) as events:  # ended early, its workers stop (WorkerPool.run)
+            for ev in events:
                 i = ev.task_index
                 vid = records[i].id
                 if ev.kind == "item":

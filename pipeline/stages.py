@@ -71,10 +71,10 @@ def run_extract(ws: Workspace, cfg: Config, *, force: bool = False, progress: bo
     if dynamic is not None:
         mode = "dynamic" if dynamic else "static"
         workers = Workers(ws, type(cfg.runner)(**{**cfg.runner.__dict__, "mode": mode}))
-    stage = extract_stage(ws, cfg, workers)
     rank, world = rank_and_world(partition=workers.cfg.mode == "static")
-    summary = run_sharded(stage, workers, shard_jobs(ws), rank=rank, world=world, force=force,
-                          progress=progress, verify=verify, retry_failed=retry_failed)
+    with extract_stage(ws, cfg, workers) as stage:  # its decode workers serve every shard of the run
+        summary = run_sharded(stage, workers, shard_jobs(ws), rank=rank, world=world, force=force,
+                              progress=progress, verify=verify, retry_failed=retry_failed)
     if rank == 0 or workers.cfg.mode == "dynamic":
         for f in stage.fields:  # each field's own settings: a change to one field rewrites only its file
             write_resolved(ws.field_config(f), getattr(cfg.extract, f), field=f,

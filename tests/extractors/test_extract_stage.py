@@ -195,6 +195,37 @@ def test_video_replaced_in_place_is_redone_after_a_rescan(tmp_path, cfr_mp4, sho
         assert ws.shard_tar(f, b_id).read_bytes() == before[f]
 
 
+def test_one_decode_worker_serves_every_shard_of_a_run(tmp_path, cfr_mp4, short_mp4, monkeypatch):
+    """The stage keeps its decode workers from shard to shard (no new process, imports and ramp per
+    shard) and stops them when the run ends."""
+    import multiprocessing
+
+    from extractors.workers import WorkerPool
+
+    root = tmp_path / "v"
+    root.mkdir()
+    for name, src in (("a.mp4", cfr_mp4), ("b.mp4", short_mp4), ("c.mp4", cfr_mp4)):
+        (root / name).write_bytes(Path(src).read_bytes())
+    ws = Workspace(tmp_path / "ws")
+    cfg = load_config(None, overrides(tmp_path, shard_size=1) + ["extract.fields=[video2d]"])
+    scan(root, ws, cfg.scan, progress=False)
+    started: list[int] = []
+    start = WorkerPool._start
+
+    def counting_start(self):  # noqa: ANN001, ANN202 - the real start, counted
+        w = start(self)
+        started.append(w.proc.pid)
+        return w
+
+    monkeypatch.setattr(WorkerPool, "_start", counting_start)
+    summary = run_extract(ws, cfg, progress=False)
+    assert summary.processed == {"video2d": 3}
+    assert len(started) == 1  # one worker for the three shards (it was one per shard)
+    assert multiprocessing.active_children() == []
+    assert sorted(s["json"]["status"] for j in shard_jobs(ws) for s in iter_shard(ws.shard_tar("video2d", j.index))) \
+        == ["ok", "ok", "ok"]
+
+
 def test_audio_and_text_run_beside_the_visual_pass_and_write_the_same_bytes(extracted, videos, tmp_path, monkeypatch):
     """Audio and text run in the ``extract-side`` thread while the visual pass is still running, and their
     shards are byte for byte those of a run without visual fields (where they run inline)."""

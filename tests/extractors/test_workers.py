@@ -309,3 +309,39 @@ def test_workers_start_on_demand() -> None:
         pool.start(6)
         assert len(multiprocessing.active_children()) == 3
     assert multiprocessing.active_children() == []
+
+
+def test_workers_outlive_a_finished_run_and_serve_the_next() -> None:
+    """A run that ends with its last task leaves its workers up: the next run (the next shard) gets them
+    with no start-up, the count reached on demand included; one that died while idle is replaced, and
+    its death fails no task."""
+    cfg = WorkerConfig(num_workers=3, timeout_s=60, ramp_wait_s=0.3)
+    with WorkerPool(paced_items, cfg) as pool:
+        first = [ev.payload for ev in pool.run([(2, 0.5)] * 6) if ev.kind == "item"]
+        assert len(set(first)) == 3  # grown on demand (a fast consumer)
+        alive = {p.pid for p in multiprocessing.active_children()}
+        assert alive == set(first)  # idle, not stopped
+        second = [ev.payload for ev in pool.run([(1, 0.0)] * 3) if ev.kind == "item"]
+        assert len(second) == 3 and set(second) <= set(first)  # the same processes, no new start
+        # a worker killed while idle (out of memory, an operator's kill) between two runs
+        victim = sorted(alive)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert gone(victim)
+        events = list(pool.run([(1, 0.0)] * 4))
+        assert [ev.kind for ev in events].count("done") == 4 and not [ev for ev in events if ev.kind == "error"]
+        third = {ev.payload for ev in events if ev.kind == "item"}
+        assert victim not in third
+    assert multiprocessing.active_children() == []  # close() ends them
+    assert all(gone(pid) for pid in alive)
+
+
+def test_a_run_ended_early_stops_every_worker_and_the_pool_can_run_again() -> None:
+    cfg = WorkerConfig(num_workers=2, timeout_s=60, ramp_wait_s=0)
+    with WorkerPool(paced_items, cfg) as pool:
+        it = pool.run([(5, 0.05)] * 4)
+        first = next(ev for ev in it if ev.kind == "item").payload
+        it.close()
+        assert multiprocessing.active_children() == []
+        events = list(pool.run([(1, 0.0)] * 2))
+        assert [ev.kind for ev in events].count("done") == 2
+        assert first not in {ev.payload for ev in events if ev.kind == "item"}
