@@ -31,10 +31,13 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler as _ForkingPickler
 from typing import Any, Generic, Literal, TypeVar
 
 from store.lineage import RUNTIME
@@ -117,6 +120,54 @@ def _recv(conn: mpc.Connection, parent_pid: int) -> tuple:
         raise _ParentGone from exc
 
 
+class _Sender:
+    """The worker's messages to the parent; large ones written by a thread of their own.
+
+    A pipe holds 64 KB; an item (a 10 s chunk of frames: ~12 MB) is only through once the parent reads
+    it, which it does between two batches of the models. Written by the decoding thread, the next
+    chunk would not start decoding before then, so the worker could never run ahead of a consumer busy
+    with a long batch, whatever ``queue_size`` allows. So the decoding thread pickles (an item that
+    cannot be sent is its task's error) and queues a large message for this thread to write; the
+    credits bound the queue. A small message with nothing queued before it is written at once: it
+    goes out even if the task then hangs in C code holding the GIL (a large one queued just before
+    such a hang is lost with the task, which fails by its timeout). A write that fails (the parent
+    is gone) ends the thread and makes the next ``send`` raise BrokenPipeError."""
+
+    DIRECT_BYTES = 4096  # at most this much, with nothing queued, is written by the caller
+
+    def __init__(self, conn: mpc.Connection) -> None:
+        self.conn = conn
+        self.broken = threading.Event()
+        self._queue: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        self._queued = 0  # messages queued and not yet written (one producer: the decoding thread)
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="worker-sender", daemon=True).start()
+
+    def send(self, msg: tuple) -> None:
+        if self.broken.is_set():
+            raise BrokenPipeError("the parent no longer reads")
+        data = _ForkingPickler.dumps(msg)  # a view of the pickle: no copy
+        with self._lock:
+            direct = self._queued == 0 and len(data) <= self.DIRECT_BYTES
+            if not direct:
+                self._queued += 1
+        if direct:
+            self.conn.send_bytes(data)  # nothing is being written: the order is kept
+        else:
+            self._queue.put(data)
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # BrokenPipeError, ConnectionResetError: the parent is gone
+                self.broken.set()
+                return
+            with self._lock:
+                self._queued -= 1
+
+
 def _worker_main(fn: Callable[[Any], Iterator[Any]], conn: mpc.Connection, queue_size: int,
                  parent_pid: int) -> None:
     """Worker loop: run tasks from the pipe, send ("start"|"item"|"done"|"error", index, payload)."""
@@ -124,6 +175,7 @@ def _worker_main(fn: Callable[[Any], Iterator[Any]], conn: mpc.Connection, queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     if os.getppid() != parent_pid:
         return
+    out = _Sender(conn)
     in_flight = 0  # items sent and not yet credited back
     try:
         while True:
@@ -134,7 +186,7 @@ def _worker_main(fn: Callable[[Any], Iterator[Any]], conn: mpc.Connection, queue
                 in_flight -= 1
                 continue
             _, index, task = msg
-            conn.send(("start", index, None))
+            out.send(("start", index, None))
             gen = None
             try:
                 gen = iter(fn(task))
@@ -149,14 +201,14 @@ def _worker_main(fn: Callable[[Any], Iterator[Any]], conn: mpc.Connection, queue
                         item = next(gen)
                     except StopIteration:
                         break
-                    conn.send(("item", index, item))
+                    out.send(("item", index, item))
                     in_flight += 1
             except (_ParentGone, BrokenPipeError):
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the parent as the task's error
-                conn.send(("error", index, _reason(exc)))
+                out.send(("error", index, _reason(exc)))
             else:
-                conn.send(("done", index, None))
+                out.send(("done", index, None))
             finally:
                 if gen is not None and hasattr(gen, "close"):
                     try:
