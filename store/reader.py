@@ -83,15 +83,33 @@ def decode_member(name: str, data: bytes) -> Any:
     raise CorruptMember(f"refusing to decode member type {name!r} (only npy, json, txt)")
 
 
-def iter_raw(tar_path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__": id, "<member>": bytes, ...}`` of one tar, in order, through
-    webdataset's tar iterators (sequential reads). Raises on a broken tar."""
-    from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def _tar_files(tar_path: Path) -> Iterator[dict[str, Any]]:
+    """``{"fname", "data", "__url__"}`` of every regular member of an uncompressed tar, in order, each
+    read with one ``read`` at its offset. Raises ``tarfile.ReadError`` on a member cut short.
 
-    with open(tar_path, "rb") as stream:
-        files = ({**f, "__url__": str(tar_path)} for f in tar_file_iterator(stream, handler=reraise_exception))
-        yield from group_by_keys(files, handler=reraise_exception)
+    Hand-written in place of webdataset's ``tar_file_iterator``, which opens the tar as a stream
+    (``"r|*"``) and reads every member in 10 KB blocks joined together: 1.3 against 0.9 ms per
+    1.1 MB member (benchmarks/loader.py, BENCHMARKS.md "Training data path"). Shards are plain tars
+    on a seekable file (store.shards.ShardWriter). The grouping into samples stays webdataset's."""
+    with open(tar_path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            fh.seek(info.offset_data)
+            data = fh.read(info.size)
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"unexpected end of data in member {info.name!r}")
+            yield {"fname": info.name, "data": data, "__url__": str(tar_path)}
+
+
+def iter_raw(tar_path: Path) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__": id, "<member>": bytes, ...}`` of one tar, in order (members grouped by
+    webdataset's key rule). Raises on a broken tar; a damaged header in the middle of the archive ends
+    it there (tarfile's rule)."""
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import group_by_keys
+
+    yield from group_by_keys(_tar_files(tar_path), handler=reraise_exception)
 
 
 def iter_samples(tar_path: Path) -> Iterator[dict[str, Any]]:

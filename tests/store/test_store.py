@@ -271,6 +271,45 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_iter_raw_reads_what_webdatasets_iterator_reads_and_stops_at_a_cut_member(tmp_path):
+    """store.reader reads members with one read at their offset instead of webdataset's stream-mode
+    iterator: the same samples, byte for byte; a member cut short raises after the samples before it."""
+    import tarfile
+
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from store.reader import iter_raw
+
+    tar = tmp_path / "x.tar"
+    rng = np.random.default_rng(0)
+    with open(tar, "wb") as fh:
+        w = wds.TarWriter(fh, encoder=False)
+        for i in range(5):
+            rows = rng.standard_normal((int(rng.integers(1, 400)), 2048)).astype(np.float16)
+            w.write({"__key__": f"v{i:03d}", "json": b'{"i": %d}' % i, "feat.npy": _npy(rows)})
+        w.close()
+    with open(tar, "rb") as fh:
+        want = [{k: v for k, v in s.items() if k != "__url__"}
+                for s in group_by_keys(({**f, "__url__": str(tar)} for f in tar_file_iterator(fh)))]
+    got = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_raw(tar)]
+    assert [s["__key__"] for s in got] == [f"v{i:03d}" for i in range(5)] and got == want
+    # cut inside the last sample's npy member: the samples before it, then ReadError
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(tar) as t:
+        last = [m for m in t.getmembers() if m.name == "v004.feat.npy"][0]
+    cut.write_bytes(tar.read_bytes()[: last.offset_data + last.size // 2])
+    seen, theirs = [], []
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        for s in iter_raw(cut):
+            seen.append(s["__key__"])
+    with open(cut, "rb") as fh, pytest.raises(tarfile.ReadError):
+        for s in group_by_keys(({**f, "__url__": str(cut)} for f in tar_file_iterator(fh))):
+            theirs.append(s["__key__"])
+    # a sample is whole once the next key's first member is read: v003 is not yielded
+    assert seen == theirs == [f"v{i:03d}" for i in range(3)]
+
+
 def test_reader_decodes_only_safe_members_and_bounds_npy_headers():
     a = np.arange(12, dtype=np.float16).reshape(3, 4)
     out = decode_npy(_npy(a))
