@@ -13,10 +13,7 @@ generator function ``fn(task)`` in a worker per task and streams what it yields 
 
 Each worker has its own pipe (a worker killed mid-write can corrupt only its own channel) and may run
 at most ``queue_size`` items ahead of the consumer (credit-based flow control: the parent returns a
-credit when the consumer takes the item). A worker writes large items from a thread of its own
-(``_Sender``), so it decodes on while the parent is busy. The parent reads what a worker has sent so
-far in one go and gives a worker whose task has ended its next task before handing the items that
-came with the end to the consumer. Time a worker spends waiting for credits, or the consumer
+credit when the consumer takes the item). Time a worker spends waiting for credits, or the consumer
 spends between two ``next()`` calls, is not held against it. Workers start their own process group,
 so a kill also ends subprocesses they started (ffmpeg). An idle worker exits within a second when its
 parent is gone; workers are daemonic (terminated when the parent exits normally), but one stuck in C
@@ -321,9 +318,6 @@ class WorkerPool(Generic[T]):
         ramp = self.cfg.ramp_wait_s > 0
         grow = 0  # on demand (ramp): the consumer waited, so many more workers may start
         starved, since = 0.0, None  # (ramp) time waited for items since `since` (the last start)
-        # events received in a round, delivered after step 1 of the next: a worker whose task ended
-        # gets its next one before the consumer spends time on the items that came with the end
-        backlog: list[tuple[Event, _Worker]] = []
         try:
             while not self._closed:
                 # 1. give every idle worker a task; start a worker in an empty slot when none runs, or
@@ -345,13 +339,6 @@ class WorkerPool(Generic[T]):
                             yield Event(nxt[0], "error", reason)
                             if self._closed:
                                 return
-                while backlog:
-                    ev, w = backlog.pop(0)
-                    yield ev
-                    if ev.kind == "item" and self._slot_of(w) is not None:
-                        self._ack(w)  # the consumer took it: return the credit
-                    if self._closed:
-                        return
                 busy = [w for w in self._workers if w is not None and w.task is not None]
                 if not busy:
                     finished = exhausted
@@ -389,14 +376,14 @@ class WorkerPool(Generic[T]):
                         self._drop(w, kill=True)
                         yield Event(index, "error", f"timeout: no progress for {self.cfg.timeout_s:.1f} s",
                                     transient=True)
-                # 4. messages (what each ready worker has sent so far), then deaths: into the backlog
+                # 4. messages (one per worker per round), then deaths
                 for w in busy:
                     if self._slot_of(w) is None:
                         continue
                     if w.proc.sentinel in ready:
-                        backlog += [(ev, w) for ev in self._drain_dead(w)]
+                        yield from self._drain_dead(w)
                     elif w.conn in ready:
-                        backlog += [(ev, w) for ev in self._receive(w)]
+                        yield from self._receive(w)
         finally:
             self._running = False
             if not finished:
@@ -443,58 +430,44 @@ class WorkerPool(Generic[T]):
         w.progress_at = time.monotonic() + (0.0 if w.started else _STARTUP_S)
         return None
 
-    def _receive(self, w: _Worker) -> list[Event]:
-        """The messages a live worker has sent so far (at least one is ready): with run-ahead that
-        can be a few items and the end of its task. At most queue_size + 2 (the credits bound the
-        items), so that one fast worker cannot hold the round."""
-        out: list[Event] = []
-        for n in range(self.cfg.queue_size + 2):
-            try:
-                if n and not w.conn.poll(0):  # the first is ready; no wait for the others
-                    break
-                msg = w.conn.recv()
-            except (EOFError, OSError):
-                return out + self._drain_dead(w)
-            except Exception as exc:  # noqa: BLE001 - e.g. an item that cannot be unpickled here
-                index = w.task
-                self._drop(w, kill=True)
-                if index is not None:
-                    out.append(Event(index, "error", f"cannot receive item: {_reason(exc)}"))
-                return out
-            ev = self._handle(w, msg)
-            if ev is not None:
-                out.append(ev)
-            if self._slot_of(w) is None:  # recycled at the end of its task
-                break
-        return out
+    def _receive(self, w: _Worker) -> Iterator[Event]:
+        """Handle one message of a live worker."""
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            yield from self._drain_dead(w)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. an item that cannot be unpickled here
+            index = w.task
+            self._drop(w, kill=True)
+            if index is not None:
+                yield Event(index, "error", f"cannot receive item: {_reason(exc)}")
+            return
+        yield from self._handle(w, msg)
 
-    def _handle(self, w: _Worker, msg: tuple) -> Event | None:
-        """The event of one message, after updating the worker's state (an item's credit is returned
-        by ``_ack`` once the consumer has taken it)."""
+    def _handle(self, w: _Worker, msg: tuple) -> Iterator[Event]:
         kind, index, payload = msg
-        w.progress_at = time.monotonic()
         if kind == "start":
             w.started = True
-            return None
-        if kind == "item":
+            w.progress_at = time.monotonic()
+        elif kind == "item":
+            w.progress_at = time.monotonic()
             self._n_items += 1
-            return Event(index, "item", payload)
-        w.task = None  # "done" | "error"
-        if w.n_tasks >= self.cfg.max_tasks_per_worker:
-            logger.debug("recycling worker pid %s after %d tasks", w.proc.pid, w.n_tasks)
-            self._drop(w, kill=False)
-        return Event(index, kind, payload)
+            yield Event(index, "item", payload)
+            try:  # the consumer took it: return the credit
+                w.conn.send(("ack",))
+            except (BrokenPipeError, OSError):
+                pass
+            w.progress_at = time.monotonic()
+        elif kind in ("done", "error"):
+            w.task = None
+            if w.n_tasks >= self.cfg.max_tasks_per_worker:
+                logger.debug("recycling worker pid %s after %d tasks", w.proc.pid, w.n_tasks)
+                self._drop(w, kill=False)
+            yield Event(index, kind, payload)
 
-    def _ack(self, w: _Worker) -> None:
-        try:
-            w.conn.send(("ack",))
-        except (BrokenPipeError, OSError):
-            pass
-        w.progress_at = time.monotonic()  # the consumer's time is not the worker's
-
-    def _drain_dead(self, w: _Worker) -> list[Event]:
-        """A worker whose process ended: what it sent, then its task's end as an error."""
-        out: list[Event] = []
+    def _drain_dead(self, w: _Worker) -> Iterator[Event]:
+        """A worker whose process ended: deliver what it sent, then end its task with an error."""
         while True:
             try:
                 if not w.conn.poll(0):
@@ -502,19 +475,16 @@ class WorkerPool(Generic[T]):
                 msg = w.conn.recv()
             except Exception:  # noqa: BLE001 - EOF or a message cut short by the death
                 break
-            ev = self._handle(w, msg)
-            if ev is not None:
-                out.append(ev)
+            yield from self._handle(w, msg)
             if self._slot_of(w) is None:  # recycled after its last message
-                return out
+                return
         index = w.task
         pid = w.proc.pid
         exitcode = self._drop(w, kill=True)
         if index is not None:
             reason = _death_reason(exitcode)
             logger.warning("task %d: %s (pid %s)", index, reason, pid)
-            out.append(Event(index, "error", reason, transient=True))
-        return out
+            yield Event(index, "error", reason, transient=True)
 
     def _drop(self, w: _Worker, kill: bool) -> int | None:
         """Take a worker out of its slot and retire it; its exit code."""

@@ -68,12 +68,6 @@ def big_timestamps(n: int) -> Iterator[tuple[int, float, bytes]]:
         yield i, time.monotonic(), bytes(2_000_000)
 
 
-def stamped(task: int) -> Iterator[tuple[int, int, float]]:
-    """Two items at once, each (task, i, production time)."""
-    for i in range(2):
-        yield task, i, time.monotonic()
-
-
 def child_then_hang(task: int) -> Iterator[int]:
     """Starts a subprocess, reports its pid, then hangs."""
     proc = subprocess.Popen(["sleep", "120"])
@@ -258,21 +252,6 @@ def test_a_worker_runs_ahead_with_items_larger_than_a_pipe() -> None:
     assert sorted(produced) == list(range(n))
     assert produced[queue_size - 1] < consumed[0] + pause / 2  # made while the consumer held item 0
     assert produced[queue_size] >= consumed[0]  # and no further: the credits still bound it
-
-
-def test_a_worker_gets_its_next_task_before_the_consumer_takes_the_last_items_of_its_task() -> None:
-    """The end of a task is read with the items before it, and the worker's next task is sent before
-    those items go to the consumer: the worker opens the next video while the models work on the last
-    chunks of the previous one, instead of after."""
-    with WorkerPool(stamped, WorkerConfig(num_workers=1, timeout_s=30, ramp_wait_s=0)) as pool:
-        seen: dict[tuple[int, int], tuple[float, float]] = {}
-        for ev in pool.run([0, 1]):
-            if ev.kind == "item":
-                task, i, made = ev.payload
-                seen[task, i] = (made, time.monotonic())
-                time.sleep({(0, 0): 0.5, (0, 1): 1.0}.get((task, i), 0.0))  # (0, 1) and the end of 0 arrive meanwhile
-    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert seen[1, 0][0] < seen[0, 1][1] + 0.5  # task 1 ran while the consumer held task 0's last item
 
 
 def test_abandoning_run_kills_workers_and_their_subprocesses() -> None:
