@@ -1,7 +1,8 @@
 """`extract`: decode every video once and write the four feature fields as webdataset shards.
 
 Per shard, only the fields that are not done are computed. Visual decoding runs in worker
-processes (`extractors.workers.WorkerPool`: spawn, per-video timeout, recycling); one decode feeds
+processes (`extractors.workers.WorkerPool`: spawn, per-video timeout, recycling), kept from one shard
+to the next for the whole run (`ExtractStage.close` stops them); one decode feeds
 both visual extractors; frames from consecutive videos are batched together through the models.
 Audio is decoded by an ffmpeg subprocess into a memory-mapped file; text comes from the scan's
 per-shard caption files; both run in a thread beside the visual pass (``ExtractStage._side``).
