@@ -16,7 +16,8 @@ exactly like a hung ffprobe/ffmpeg, and no thread of the caller stays stuck insi
 - ``frame PATH T WIDTH``: the first video frame at or after ``T`` seconds, scaled to ``WIDTH`` pixels
   (height by the frame's aspect, even, as ffmpeg's ``scale=WIDTH:-2``) and written to stdout as a
   JPEG (libavcodec's mjpeg): what the report's thumbnails ask of ``ffmpeg -ss T -i PATH -frames:v 1``.
-  Unlike the ffmpeg binary it does not apply a rotation tag (a portrait phone video stays sideways).
+  A display rotation (a phone's portrait video) is applied, as the ffmpeg binary does, by quarter turns
+  of the scaled picture (the rule of ``extractors.decode``'s PyAV backend).
 
 Errors: exit code 1 and a one-line reason as the last line of stderr (as the binaries do).
 
@@ -164,11 +165,21 @@ def frame_jpeg(path: str, t: float, width: int) -> bytes:
                 break
         if chosen is None:
             raise ValueError(f"no frame at {t:.3f} s")
-        height = even_height(width, chosen.width, chosen.height)
+        turns = round((chosen.rotation or 0) / 90) % 4  # counter-clockwise quarter turns to display it
+        shown_w, shown_h = (chosen.height, chosen.width) if turns % 2 else (chosen.width, chosen.height)
+        height = even_height(width, shown_w, shown_h)
         codec = av.CodecContext.create("mjpeg", "w")
         codec.width, codec.height, codec.pix_fmt = width, height, "yuvj420p"
         codec.time_base = Fraction(1, 25)
-        scaled = chosen.reformat(width=width, height=height, format="yuvj420p", interpolation="BICUBIC")
+        if turns:
+            import numpy as np
+
+            coded_w, coded_h = (height, width) if turns % 2 else (width, height)
+            rgb = chosen.to_ndarray(width=coded_w, height=coded_h, format="rgb24", interpolation="BICUBIC")
+            upright = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(rgb, turns)), format="rgb24")
+            scaled = upright.reformat(format="yuvj420p")
+        else:
+            scaled = chosen.reformat(width=width, height=height, format="yuvj420p", interpolation="BICUBIC")
         return b"".join(bytes(p) for p in (*codec.encode(scaled), *codec.encode(None)))
 
 

@@ -237,7 +237,7 @@ def test_hung_pyav_children_are_killed(tmp_path):
     assert not list((tmp_path / "work").glob("audio-*"))
 
 
-def test_report_thumbnails_without_ffmpeg_are_pyav_frames(cfr_mp4, short_mp4, tmp_path, monkeypatch):
+def test_report_thumbnails_without_ffmpeg_are_pyav_frames(cfr_mp4, short_mp4, rotated_mp4, tmp_path, monkeypatch):
     """Without the ffmpeg binary the report's thumbnails are JPEGs of the same frame from a PyAV child,
     not placeholders: same size as ffmpeg's (``scale=160:-2``), same picture to scaling differences
     (bicubic in both, libswscale), and a time past the end still gives the placeholder."""
@@ -249,6 +249,7 @@ def test_report_thumbnails_without_ffmpeg_are_pyav_frames(cfr_mp4, short_mp4, tm
 
     thumbnails.clear_cache()
     with_ffmpeg = {t: thumbnails.thumbnail(cfr_mp4, t) for t in (0.0, 2.0, 3.5)}
+    rotated_ref = thumbnails.thumbnail(rotated_mp4, 0.0)
     empty = tmp_path / "empty_bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
@@ -267,3 +268,11 @@ def test_report_thumbnails_without_ffmpeg_are_pyav_frames(cfr_mp4, short_mp4, tm
                    for t in (0.0, 3.5))
     assert np.abs(first - late).mean() > 2
     assert thumbnails.thumbnail(short_mp4, 100.0).startswith(b"\x89PNG")  # past the end: placeholder
+    # a portrait phone video (a display matrix: 64×48 coded, shown 48×64) is shown upright, as ffmpeg does
+    got = Image.open(io.BytesIO(thumbnails.thumbnail(rotated_mp4, 0.0)))
+    want = Image.open(io.BytesIO(rotated_ref))
+    assert got.size == want.size == (160, 214)
+    a, b = np.asarray(got.convert("L"), float), np.asarray(want.convert("L"), float)
+    sideways = np.asarray(got.convert("L").transpose(Image.Transpose.ROTATE_180), float)
+    # measured 1.5 grey levels from ffmpeg's, and 63 for the picture turned the other way
+    assert np.abs(a - b).mean() < 4 and np.abs(sideways - b).mean() > 20, (np.abs(a - b).mean(), np.abs(sideways - b).mean())
