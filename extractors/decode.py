@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extractors.libav import NO_AUDIO_EXIT, PYAV, child_command, resolve_tool
+from extractors.libav import NO_AUDIO_EXIT, PYAV, child_command, quarter_turns, resolve_tool, upright_rgb
 from extractors.subproc import run_tool
 from store.lineage import RUNTIME
 
@@ -348,16 +348,16 @@ def probe_video(path: str | os.PathLike[str], rotation: bool = True) -> VideoPro
             elif container.duration is not None:
                 duration = container.duration / av.time_base
             rate = stream.average_rate
-            quarter_turns = 0
+            turns = 0
             if rotation:
                 try:
                     for frame in container.decode(stream):
-                        quarter_turns = round((frame.rotation or 0) / 90) % 4
+                        turns = quarter_turns(frame)
                         break
                 except Exception:  # noqa: BLE001 - undecodable first frame: the decoders report it
                     pass
             width, height = int(ctx.width), int(ctx.height)
-            if quarter_turns % 2:
+            if turns % 2:
                 width, height = height, width
             return VideoProbe(
                 width=width,
@@ -365,7 +365,7 @@ def probe_video(path: str | os.PathLike[str], rotation: bool = True) -> VideoPro
                 codec=ctx.name,
                 duration=duration,
                 avg_fps=float(rate) if rate else None,
-                rotation=90 * quarter_turns,
+                rotation=90 * turns,
             )
     except DecodeError:
         raise
@@ -458,16 +458,14 @@ def _iter_pyav(path: Path, cfg: DecodeConfig, probe: VideoProbe | None = None) -
         nominal = 1.0 / probe.avg_fps if probe.avg_fps else 0.0
 
         turns = probe.rotation // 90
-        coded_w, coded_h = (dec_h, dec_w) if turns % 2 else (dec_w, dec_h)
 
         def rgb_of(frame: av.VideoFrame) -> Callable[[], np.ndarray]:
             cache: list[np.ndarray] = []
 
             def get() -> np.ndarray:
                 if not cache:  # a frame can serve targets of two chunks: convert once
-                    rgb = frame.to_ndarray(width=coded_w, height=coded_h, format="rgb24",
-                                           interpolation="BILINEAR", threads=max(1, cfg.threads))
-                    cache.append(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+                    cache.append(upright_rgb(frame, dec_w, dec_h, turns, interpolation="BILINEAR",
+                                             threads=max(1, cfg.threads)))
                 return cache[0]
 
             return get

@@ -147,6 +147,23 @@ def even_height(width: int, src_width: int, src_height: int) -> int:
     return max(2, int(width * src_height / (src_width * 2) + 0.5) * 2)
 
 
+def quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns (0-3) that show a decoded ``av.VideoFrame`` upright: its display
+    matrix (a phone's portrait video), rounded to a multiple of 90 degrees."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def upright_rgb(frame: Any, width: int, height: int, turns: int, **options: Any) -> Any:
+    """uint8 (height, width, 3) RGB of ``frame`` as displayed: converted and scaled at the coded
+    geometry (width and height swapped for an odd ``turns``) by ``frame.to_ndarray(**options)``
+    (interpolation, threads), then turned ``turns`` quarter turns counter-clockwise."""
+    import numpy as np
+
+    coded_w, coded_h = (height, width) if turns % 2 else (width, height)
+    rgb = frame.to_ndarray(width=coded_w, height=coded_h, format="rgb24", **options)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 def frame_jpeg(path: str, t: float, width: int) -> bytes:
     """JPEG bytes of the first video frame of ``path`` at or after ``t`` seconds, ``width`` pixels wide
     (see the module docstring). ValueError when the file has no video stream or no frame at ``t``."""
@@ -165,19 +182,15 @@ def frame_jpeg(path: str, t: float, width: int) -> bytes:
                 break
         if chosen is None:
             raise ValueError(f"no frame at {t:.3f} s")
-        turns = round((chosen.rotation or 0) / 90) % 4  # counter-clockwise quarter turns to display it
+        turns = quarter_turns(chosen)
         shown_w, shown_h = (chosen.height, chosen.width) if turns % 2 else (chosen.width, chosen.height)
         height = even_height(width, shown_w, shown_h)
         codec = av.CodecContext.create("mjpeg", "w")
         codec.width, codec.height, codec.pix_fmt = width, height, "yuvj420p"
         codec.time_base = Fraction(1, 25)
         if turns:
-            import numpy as np
-
-            coded_w, coded_h = (height, width) if turns % 2 else (width, height)
-            rgb = chosen.to_ndarray(width=coded_w, height=coded_h, format="rgb24", interpolation="BICUBIC")
-            upright = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(rgb, turns)), format="rgb24")
-            scaled = upright.reformat(format="yuvj420p")
+            rgb = upright_rgb(chosen, width, height, turns, interpolation="BICUBIC")
+            scaled = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
         else:
             scaled = chosen.reformat(width=width, height=height, format="yuvj420p", interpolation="BICUBIC")
         return b"".join(bytes(p) for p in (*codec.encode(scaled), *codec.encode(None)))

@@ -16,8 +16,8 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
-from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
