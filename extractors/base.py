@@ -205,6 +205,25 @@ class VisualExtractor(FeatureExtractor):
         return resolve_weights(config.weights, cls.WEIGHTS_FILENAME, allow_random=config.allow_random_weights,
                                seed=config.seed, what=f"{cls.name} ({cls.WEIGHTS_WHAT})", hint=cls.WEIGHTS_HINT)
 
+    def load_trunk(self, build: Any, config: VisualConfig, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+        """The trunk ``build()`` makes, in eval mode without gradients: random-init under
+        ``seeded(config.seed)`` when ``config`` resolves to no file, else built from the file's tensors
+        (``build_with_state``; keys starting with ``skip``, a head the trunk lacks, left out). Sets
+        ``weights_id`` and ``random_weights``."""
+        from extractors.weights import build_with_state, load_state_dict_file, seeded
+
+        ref = self.resolve(config)
+        self.weights_id = ref.identity
+        self.random_weights = ref.random
+        if ref.path is None:
+            with seeded(config.seed):
+                model = build()
+        else:
+            state = {k: v for k, v in load_state_dict_file(ref.path).items() if not (skip and k.startswith(skip))}
+            model = build_with_state(build, state)
+            logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
+        return model.eval().requires_grad_(False)
+
     @classmethod
     def describe_config(cls, config: VisualConfig) -> dict[str, Any]:
         ref = cls.resolve(config)

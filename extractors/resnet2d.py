@@ -5,7 +5,6 @@ Input frames come from the decoder at 1 fps, shorter side resized to 224 (no cro
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,9 +21,6 @@ from .base import (
 )
 from .fold import fold_batchnorm
 from .precision import autocast, resolve_precision
-from .weights import build_with_state, load_state_dict_file, seeded
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ResNet152Config", "ResNet152Extractor", "resnet152_trunk"]
 
@@ -77,17 +73,7 @@ class ResNet152Extractor(VisualExtractor):
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         self.device = resolve_device(config.device)
-        ref = self.resolve(config)
-        self.weights_id = ref.identity
-        self.random_weights = ref.random
-        if ref.path is None:
-            with seeded(config.seed):
-                model = resnet152_trunk()
-        else:
-            state = {k: v for k, v in load_state_dict_file(ref.path).items() if not k.startswith("fc.")}
-            model = build_with_state(resnet152_trunk, state)
-            logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
-        model.eval().requires_grad_(False)
+        model = self.load_trunk(resnet152_trunk, config, skip=("fc.",))  # the trunk has no classifier
         if config.fold_bn:
             model = fold_batchnorm(model)  # float32, before the device move and any autocast
         self.precision = resolve_precision(config.amp, self.device)

@@ -12,7 +12,6 @@ non-overlapping 16-frame windows (``windows_from_frames``) → 1.5 rows per seco
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -31,9 +30,6 @@ from .base import (
 )
 from .fold import fold_batchnorm
 from .precision import autocast, resolve_precision
-from .weights import build_with_state, load_state_dict_file, seeded
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "KINETICS_MEAN",
@@ -204,16 +200,7 @@ class ResNeXt101Extractor(VisualExtractor):
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         self.device = resolve_device(config.device)
-        ref = self.resolve(config)
-        self.weights_id = ref.identity
-        self.random_weights = ref.random
-        if ref.path is None:
-            with seeded(config.seed):
-                model = resnext101_3d()
-        else:
-            model = build_with_state(resnext101_3d, load_state_dict_file(ref.path))
-            logger.info("%s: loaded %s (sha256 %s)", self.name, ref.path, ref.identity[:12])
-        model.eval().requires_grad_(False)
+        model = self.load_trunk(resnext101_3d, config)
         if config.fold_bn:  # float32, before the device move and any autocast; fc is not traced
             model = fold_batchnorm(model, "forward_features")
         self.precision = resolve_precision(config.amp, self.device)
